@@ -1,0 +1,636 @@
+"""MViTv2: Improved Multiscale Vision Transformers (Li et al., CVPR 2022).
+
+One network serves two purposes:
+
+* **classification** (``MViTv2(arch, num_classes=1000)``): global pooling attention in every block,
+  a final LayerNorm, mean (or class-token) pooling and a linear head. Matches the official
+  ``facebookresearch/mvit`` model, timm's ``mvitv2_*`` and mmpretrain's ``MViT``.
+* **detection** (``MViTv2(arch, detection=True)``): the same blocks with the hybrid window attention
+  of detectron2's ``MViT`` (windows 56/28/14/7 in pre-pooling tokens, global attention with a doubled
+  kv stride in the last block of stages 2-4) and one LayerNorm per output stage, returning
+  ``scale2..scale5`` feature maps at strides 4, 8, 16 and 32.
+
+Parameter names follow the official / detectron2 layout (``blocks.{i}.attn.qkv`` and so on) so that
+both families of checkpoints map onto this module one-to-one.
+
+Attention runs through ``F.scaled_dot_product_attention``; the decomposed relative-position term is
+passed as an additive mask, which is mathematically identical to the reference
+``softmax(q k^T * scale + rel)`` formulation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "ARCHS",
+    "MViTv2",
+    "MViTv2Arch",
+    "get_arch",
+]
+
+PATCH_STRIDE = 4
+STAGE_NAMES = ("scale2", "scale3", "scale4", "scale5")
+
+
+# --------------------------------------------------------------------------------------------
+# Size presets: the single source of truth for T/S/B/L/H.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MViTv2Arch:
+    """One size of the MViTv2 family.
+
+    Channels and heads double at every stage, so a size is fixed by its stage-1 width, its stage-1
+    head count and the number of blocks per stage.
+    """
+
+    embed_dim: int
+    depths: tuple[int, int, int, int]
+    num_heads: int
+    #: stochastic depth used by the detectron2 MViTv2 recipes for this size
+    det_drop_path_rate: float = field(default=0.2, compare=False)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2**s for s in range(4))
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        return tuple(self.num_heads * 2**s for s in range(4))
+
+    @property
+    def depth(self) -> int:
+        return sum(self.depths)
+
+    @property
+    def last_block_indexes(self) -> tuple[int, ...]:
+        """Index of the last block of every stage (detectron2's ``last_block_indexes``)."""
+        ends, total = [], 0
+        for d in self.depths:
+            total += d
+            ends.append(total - 1)
+        return tuple(ends)
+
+
+ARCHS: dict[str, MViTv2Arch] = {
+    "tiny": MViTv2Arch(96, (1, 2, 5, 2), 1, det_drop_path_rate=0.2),
+    "small": MViTv2Arch(96, (1, 2, 11, 2), 1, det_drop_path_rate=0.2),
+    "base": MViTv2Arch(96, (2, 3, 16, 3), 1, det_drop_path_rate=0.4),
+    "large": MViTv2Arch(144, (2, 6, 36, 4), 2, det_drop_path_rate=0.5),
+    "huge": MViTv2Arch(192, (4, 8, 60, 8), 3, det_drop_path_rate=0.6),
+}
+_ALIASES = {"t": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
+
+
+def get_arch(name: str | MViTv2Arch) -> MViTv2Arch:
+    """Look up a size by name: ``"tiny"``, ``"T"``, ``"mvitv2_t"`` and ``"MViTv2-T"`` all work."""
+    if isinstance(name, MViTv2Arch):
+        return name
+    key = str(name).lower().replace("-", "_")
+    for prefix in ("mvitv2_", "mvit_v2_", "mvit_"):
+        key = key.removeprefix(prefix)
+    key = _ALIASES.get(key, key)
+    if key not in ARCHS:
+        valid = ", ".join(f"{k} ({k[0].upper()})" for k in ARCHS)
+        raise ValueError(f"Unknown MViTv2 size {name!r}. Valid sizes: {valid}.")
+    return ARCHS[key]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Geometry of one block, derived from the size and the mode (see ``block_specs``)."""
+
+    dim: int
+    dim_out: int
+    num_heads: int
+    stride_q: int
+    stride_kv: int
+    expand_attn: bool
+    window_size: int  # 0: global attention; else window side in pre-pooling tokens
+    rel_pos_grid: int  # token-grid side that sizes the rel-pos tables (the pre-training grid)
+
+    @property
+    def attn_dim(self) -> int:
+        return self.dim_out if self.expand_attn else self.dim
+
+
+def block_specs(
+    arch: MViTv2Arch,
+    *,
+    expand_attn: bool = True,
+    detection: bool = False,
+    pretrain_img_size: int = 224,
+    adaptive_kv_stride: int = 4,
+    adaptive_window_size: int = 56,
+) -> list[BlockSpec]:
+    """Per-block geometry.
+
+    The first block of stages 2-4 halves the resolution (q stride 2). With ``expand_attn`` that block
+    also doubles the width inside attention; without it (the L in1k checkpoint) the last block of the
+    previous stage doubles the width inside its MLP. The kv stride starts at ``adaptive_kv_stride`` and
+    is divided by the q stride at each resolution drop, so that kv is pooled to the same grid in all
+    stages (4, 2, 1, 1).
+
+    In detection mode the blocks follow detectron2's hybrid window attention: windowed everywhere except
+    the last block of stages 2-4, whose global attention uses a doubled kv stride in stages 2 and 3.
+    """
+    specs: list[BlockSpec] = []
+    lbi = arch.last_block_indexes
+    grid = pretrain_img_size // PATCH_STRIDE
+    kv_stride, window = adaptive_kv_stride, adaptive_window_size
+    i = 0
+    for s, depth in enumerate(arch.depths):
+        for j in range(depth):
+            first = j == 0 and s > 0
+            if first:
+                kv_stride = max(kv_stride // 2, 1)
+            if expand_attn:
+                dim = arch.dims[s - 1] if first else arch.dims[s]
+                dim_out = arch.dims[s]
+            else:
+                dim = arch.dims[s]
+                dim_out = arch.dims[s + 1] if j == depth - 1 and s < 3 else arch.dims[s]
+            is_global = detection and i in lbi[1:]
+            stride_kv = kv_stride * 2 if detection and i in lbi[1:3] else kv_stride
+            specs.append(
+                BlockSpec(
+                    dim=dim,
+                    dim_out=dim_out,
+                    num_heads=arch.heads[s],
+                    stride_q=2 if first else 1,
+                    stride_kv=stride_kv,
+                    expand_attn=expand_attn,
+                    window_size=0 if (not detection or is_global) else window,
+                    rel_pos_grid=grid,
+                )
+            )
+            if first:  # later blocks of the stage see the pooled grid
+                grid //= 2
+                window //= 2
+            i += 1
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2. (B, N, in_dim) -> (B, N, out_dim)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Conv 7x7 / stride 4 stem. (B, 3, H, W) -> (B, H/4 * W/4, C) and the token grid (H/4, W/4)."""
+
+    def __init__(self, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=PATCH_STRIDE, padding=3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        hw = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), hw
+
+
+def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
+    """Relative-position embeddings for every (query, key) offset along one axis.
+
+    table: (L, c), built for the pre-training grid; resized by linear interpolation when the current
+    grid needs a different length (as in detectron2 and mmpretrain). Returns (q_size, k_size, c).
+    """
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.T.unsqueeze(0), size=length, mode="linear").squeeze(0).T
+    # Offsets are scaled when q and k grids differ, so that both index the same physical distance.
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[offsets.long()]
+
+
+def rel_pos_bias(
+    q: Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: Tensor, table_w: Tensor
+) -> Tensor:
+    """Decomposed relative-position bias as an additive attention mask.
+
+    q: (B, q_h * q_w, c), pooled and normalised but not scaled. Returns (B, q_h * q_w, k_h * k_w).
+    """
+    (q_h, q_w), (k_h, k_w) = q_hw, k_hw
+    r_h = rel_pos_lookup(table_h, q_h, k_h).to(q.dtype)
+    r_w = rel_pos_lookup(table_w, q_w, k_w).to(q.dtype)
+    r_q = q.reshape(q.shape[0], q_h, q_w, -1)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)
+    bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)
+    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, q_h, q_w, k_h, k_w)
+    return bias.reshape(q.shape[0], q_h * q_w, k_h * k_w)
+
+
+def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
+    """(B, H, W, c) -> (B * nW, window * window, c), zero-padding H and W up to multiples of window.
+
+    The padding is left unmasked on purpose: detectron2's MViT attends to it, and its checkpoints were
+    trained that way.
+    """
+    b, h, w, c = x.shape
+    pad_h, pad_w = (-h) % window, (-w) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window, window, wp // window, window, c).transpose(2, 3)
+    return x.reshape(-1, window * window, c), (hp, wp)
+
+
+def window_unpartition(x: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    """Inverse of ``window_partition``: (B * nW, window * window, c) -> (B, H, W, c)."""
+    hp, wp = padded_hw
+    b = x.shape[0] // ((hp // window) * (wp // window))
+    x = x.view(b, hp // window, wp // window, window, window, -1).transpose(2, 3)
+    return x.reshape(b, hp, wp, -1)[:, : hw[0], : hw[1]]
+
+
+class PoolingAttention(nn.Module):
+    """Multi-head pooling attention with decomposed relative position and residual pooling.
+
+    q, k and v are pooled by a depthwise 3x3 conv (shared by all heads) and LayerNorm-ed; q with
+    ``stride_q`` (the block's output resolution), k and v with ``stride_kv``. With ``window_size`` > 0,
+    attention is computed inside non-overlapping windows of the pooled maps (detection mode).
+
+    forward: (B, [1 +] H*W, dim) and (H, W) -> (B, [1 +] H'*W', dim_out) and (H', W').
+    """
+
+    def __init__(self, spec: BlockSpec, has_cls_token: bool, eps: float):
+        super().__init__()
+        dim_out = spec.attn_dim
+        self.num_heads = spec.num_heads
+        self.head_dim = dim_out // spec.num_heads
+        self.has_cls_token = has_cls_token
+        self.qkv = nn.Linear(spec.dim, 3 * dim_out)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+        c = self.head_dim
+        self.pool_q = nn.Conv2d(c, c, 3, stride=spec.stride_q, padding=1, groups=c, bias=False)
+        self.pool_k = nn.Conv2d(c, c, 3, stride=spec.stride_kv, padding=1, groups=c, bias=False)
+        self.pool_v = nn.Conv2d(c, c, 3, stride=spec.stride_kv, padding=1, groups=c, bias=False)
+        self.norm_q = nn.LayerNorm(c, eps=eps)
+        self.norm_k = nn.LayerNorm(c, eps=eps)
+        self.norm_v = nn.LayerNorm(c, eps=eps)
+
+        grid = spec.rel_pos_grid
+        length = 2 * max(grid // spec.stride_q, grid // spec.stride_kv) - 1
+        self.rel_pos_h = nn.Parameter(torch.zeros(length, c))
+        self.rel_pos_w = nn.Parameter(torch.zeros(length, c))
+
+        self.window_size = spec.window_size
+        self.q_window = spec.window_size // spec.stride_q
+        self.kv_window = spec.window_size // spec.stride_kv
+
+    def _pool(self, x: Tensor, hw: tuple[int, int], pool: nn.Conv2d, norm: nn.LayerNorm) -> tuple[Tensor, tuple[int, int]]:
+        """(B, heads, [1 +] H*W, c) -> (B, heads, [1 +] H'*W', c): depthwise conv, then LN."""
+        b, n_heads, _, c = x.shape
+        cls_tok = None
+        if self.has_cls_token:
+            cls_tok, x = x[:, :, :1], x[:, :, 1:]
+        x = x.reshape(b * n_heads, hw[0], hw[1], c).permute(0, 3, 1, 2)
+        x = pool(x)
+        out_hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2).reshape(b, n_heads, -1, c)
+        if cls_tok is not None:
+            x = torch.cat((cls_tok, x), dim=2)
+        return norm(x), out_hw
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, c)
+        q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)
+        k, kv_hw = self._pool(k, hw, self.pool_k, self.norm_k)
+        v, _ = self._pool(v, hw, self.pool_v, self.norm_v)
+
+        if self.window_size:
+            out = self._window_attention(q, k, v, q_hw, kv_hw)
+        else:
+            out = self._global_attention(q, k, v, q_hw, kv_hw)
+
+        # Residual pooling; the class token is left out, as in the official code since 2022-08.
+        if self.has_cls_token:
+            out = torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
+        else:
+            out = out + q
+        out = out.transpose(1, 2).reshape(b, -1, self.num_heads * self.head_dim)
+        return self.proj(out), q_hw
+
+    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
+        b, h, _, c = q.shape
+        t = 1 if self.has_cls_token else 0
+        q_sp = q[:, :, t:].reshape(b * h, -1, c)
+        bias = rel_pos_bias(q_sp, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
+        bias = bias.view(b, h, bias.shape[1], bias.shape[2])
+        if t:  # no positional bias to or from the class token
+            bias = F.pad(bias, (1, 0, 1, 0))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
+        b, h, _, c = q.shape
+        qw, kvw = self.q_window, self.kv_window
+        q_win, q_pad_hw = window_partition(q.reshape(b * h, q_hw[0], q_hw[1], c), qw)
+        k_win, _ = window_partition(k.reshape(b * h, kv_hw[0], kv_hw[1], c), kvw)
+        v_win, _ = window_partition(v.reshape(b * h, kv_hw[0], kv_hw[1], c), kvw)
+        bias = rel_pos_bias(q_win, (qw, qw), (kvw, kvw), self.rel_pos_h, self.rel_pos_w)
+        out = F.scaled_dot_product_attention(q_win, k_win, v_win, attn_mask=bias)
+        out = window_unpartition(out, qw, q_pad_hw, q_hw)
+        return out.reshape(b, h, q_hw[0] * q_hw[1], c)
+
+
+class MultiScaleBlock(nn.Module):
+    """Pre-norm transformer block: pooling attention and an MLP, each with a (pooled) shortcut.
+
+    When the width changes, the shortcut is a Linear on the *normalised* input (official behaviour),
+    placed on the attention branch (``expand_attn``) or on the MLP branch.
+
+    forward: (B, [1 +] H*W, dim) and (H, W) -> (B, [1 +] H'*W', dim_out) and (H', W').
+    """
+
+    def __init__(self, spec: BlockSpec, has_cls_token: bool, drop_path: float, eps: float, mlp_ratio: float = 4.0):
+        super().__init__()
+        attn_dim = spec.attn_dim
+        self.has_cls_token = has_cls_token
+        self.expand_attn = spec.expand_attn
+        self.norm1 = nn.LayerNorm(spec.dim, eps=eps)
+        self.attn = PoolingAttention(spec, has_cls_token, eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(attn_dim, eps=eps)
+        self.mlp = Mlp(attn_dim, int(attn_dim * mlp_ratio), spec.dim_out)
+        self.proj = nn.Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
+        s = spec.stride_q
+        self.pool_skip = nn.MaxPool2d(s + 1, s, (s + 1) // 2) if s > 1 else None
+
+    def _pool_shortcut(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        if self.pool_skip is None:
+            return x
+        t = 1 if self.has_cls_token else 0
+        cls_tok, x = x[:, :t], x[:, t:]
+        b, _, c = x.shape
+        x = self.pool_skip(x.transpose(1, 2).reshape(b, c, hw[0], hw[1]))
+        return torch.cat((cls_tok, x.flatten(2).transpose(1, 2)), dim=1)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        x_norm = self.norm1(x)
+        attn_out, out_hw = self.attn(x_norm, hw)
+        shortcut = self.proj(x_norm) if (self.proj is not None and self.expand_attn) else x
+        x = self._pool_shortcut(shortcut, hw) + self.drop_path(attn_out)
+
+        x_norm = self.norm2(x)
+        shortcut = self.proj(x_norm) if (self.proj is not None and not self.expand_attn) else x
+        return shortcut + self.drop_path(self.mlp(x_norm)), out_hw
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+class MViTv2(nn.Module):
+    """MViTv2 image classifier, or (``detection=True``) its multiscale detection trunk.
+
+    Args:
+        arch: a size name ("tiny"/"T", "small", "base", "large", "huge") or an ``MViTv2Arch``.
+        num_classes: classifier outputs; 0 keeps the pooled features (classification mode only).
+        expand_attn: widen channels inside attention (every released checkpoint except L in1k).
+        cls_token: prepend a class token and classify from it (the in21k checkpoints).
+        detection: build the detectron2-style trunk (window attention, per-stage norms, no head).
+        out_features: detection outputs to produce, a subset of ``scale2..scale5``.
+        pretrain_img_size: input side the rel-pos tables are sized for. Any input size works; tables are
+            resized on the fly.
+        drop_path_rate: stochastic depth, rising linearly from 0 over the blocks.
+        drop_rate: dropout before the classifier.
+        act_checkpoint: recompute block activations in the backward pass (``torch.utils.checkpoint``).
+        eps: LayerNorm epsilon (1e-6 in every released checkpoint).
+
+    Input: (B, in_chans, H, W), already normalised.
+    Output: classification: logits (B, num_classes); detection: ``{"scale2": (B, C, H/4, W/4), ...,
+    "scale5": (B, 8C, H/32, W/32)}``.
+    """
+
+    def __init__(
+        self,
+        arch: str | MViTv2Arch = "tiny",
+        num_classes: int = 1000,
+        *,
+        expand_attn: bool = True,
+        cls_token: bool = False,
+        detection: bool = False,
+        out_features: Sequence[str] = STAGE_NAMES,
+        in_chans: int = 3,
+        pretrain_img_size: int = 224,
+        drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        act_checkpoint: bool = False,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.arch = get_arch(arch)
+        if detection and cls_token:
+            raise ValueError("detection=True does not use a class token; build with cls_token=False.")
+        if detection and not expand_attn:
+            raise ValueError(
+                "detection=True follows detectron2's MViT, which always widens inside attention; "
+                "use expand_attn=True (the L in1k checkpoint cannot initialise a detector)."
+            )
+        unknown = set(out_features) - set(STAGE_NAMES)
+        if unknown:
+            raise ValueError(f"Unknown out_features {sorted(unknown)}; choose from {STAGE_NAMES}.")
+        self.in_chans = in_chans
+        self.detection = detection
+        self.num_classes = 0 if detection else num_classes
+        self.has_cls_token = cls_token
+        self.act_checkpoint = act_checkpoint
+        self.out_features = tuple(f for f in STAGE_NAMES if f in out_features) if detection else ()
+
+        specs = block_specs(self.arch, expand_attn=expand_attn, detection=detection, pretrain_img_size=pretrain_img_size)
+        self.specs = specs
+        self.patch_embed = PatchEmbed(in_chans, self.arch.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, self.arch.embed_dim)) if cls_token else None
+        rates = torch.linspace(0, drop_path_rate, len(specs)).tolist()
+        self.blocks = nn.ModuleList(
+            MultiScaleBlock(spec, cls_token, rate, eps) for spec, rate in zip(specs, rates)
+        )
+        self.num_features = specs[-1].dim_out
+
+        if detection:
+            for name, idx in zip(STAGE_NAMES, self.arch.last_block_indexes):
+                if name in self.out_features:
+                    self.add_module(f"{name}_norm", nn.LayerNorm(specs[idx].dim_out, eps=eps))
+            self.norm = None
+            self.head = None
+        else:
+            self.norm = nn.LayerNorm(self.num_features, eps=eps)
+            self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        self.apply(_init_weights)
+        for blk in self.blocks:
+            nn.init.trunc_normal_(blk.attn.rel_pos_h, std=0.02)
+            nn.init.trunc_normal_(blk.attn.rel_pos_w, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    # -- shapes ------------------------------------------------------------------------------
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(self.specs[i].dim_out for i in self.arch.last_block_indexes)
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        return (4, 8, 16, 32)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MViTv2 expects a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}.")
+        if x.ndim != 4:
+            raise ValueError(
+                f"MViTv2 expects a 4-D batch (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}. "
+                "Add a batch dimension with x.unsqueeze(0) for a single image."
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"MViTv2 expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}). "
+                "Convert grayscale or RGBA images to RGB first (PIL: image.convert('RGB'))."
+            )
+        if x.shape[2] < 32 or x.shape[3] < 32:
+            raise ValueError(
+                f"Input {x.shape[2]}x{x.shape[3]} is smaller than the network's total stride (32). "
+                "Resize or pad the image to at least 32x32."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"MViTv2 expects a floating-point tensor, got {x.dtype}; normalise the image first.")
+
+    # -- forward -----------------------------------------------------------------------------
+    def _run_block(self, blk: MultiScaleBlock, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        if self.act_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, hw, use_reentrant=False)
+        return blk(x, hw)
+
+    def _forward_stages(self, x: Tensor) -> list[tuple[Tensor, tuple[int, int]]]:
+        """Run every block; return the token sequence and grid at the end of each stage."""
+        self._check_input(x)
+        x, hw = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        outs = []
+        ends = set(self.arch.last_block_indexes)
+        for i, blk in enumerate(self.blocks):
+            x, hw = self._run_block(blk, x, hw)
+            if i in ends:
+                outs.append((x, hw))
+        return outs
+
+    def _tokens_to_map(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """(B, [1 +] H*W, C) -> (B, C, H, W)."""
+        if self.has_cls_token:
+            x = x[:, 1:]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+
+    def forward_pyramid(self, x: Tensor) -> dict[str, Tensor]:
+        """Detection mode: ``{name: (B, C_s, H/stride_s, W/stride_s)}`` for ``out_features``."""
+        if not self.detection:
+            raise RuntimeError("forward_pyramid needs a model built with detection=True.")
+        outs = {}
+        for name, (tokens, hw) in zip(STAGE_NAMES, self._forward_stages(x)):
+            if name in self.out_features:
+                tokens = getattr(self, f"{name}_norm")(tokens)
+                outs[name] = self._tokens_to_map(tokens, hw)
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Classification mode: final normalised tokens (B, [1 +] H/32 * W/32, C)."""
+        tokens, _ = self._forward_stages(x)[-1]
+        return self.norm(tokens)
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, [1 +] N, C) -> pooled (B, C) if ``pre_logits`` else logits (B, num_classes)."""
+        pooled = tokens[:, 0] if self.has_cls_token else tokens.mean(dim=1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def extract_feat(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Feature maps at the end of each stage, (B, C_s, H/stride_s, W/stride_s) for s = 1..4.
+
+        In classification mode the last map is taken after the final LayerNorm; in detection mode every
+        map goes through its stage norm (as ``forward_pyramid``).
+        """
+        if self.detection:
+            return tuple(self.forward_pyramid(x).values())
+        stages = self._forward_stages(x)
+        maps = [self._tokens_to_map(t, hw) for t, hw in stages[:-1]]
+        last, hw = stages[-1]
+        maps.append(self._tokens_to_map(self.norm(last), hw))
+        return tuple(maps)
+
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        if self.detection:
+            return self.forward_pyramid(x)
+        return self.forward_head(self.forward_features(x))
+
+    # -- training helpers --------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that the published recipes exclude from weight decay."""
+        names = {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_h", "rel_pos_w"))}
+        if self.cls_token is not None:
+            names.add("cls_token")
+        return names
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head for fine-tuning on ``num_classes`` classes."""
+        if self.detection:
+            raise RuntimeError("A detection-mode MViTv2 has no classifier.")
+        self.num_classes = num_classes
+        self.head = ClassifierHead(self.num_features, num_classes, self.head.drop.p)
+        self.head.apply(_init_weights)
+
+
+class ClassifierHead(nn.Module):
+    """Dropout + Linear. (B, C) -> (B, num_classes); identity when num_classes is 0."""
+
+    def __init__(self, in_dim: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
