@@ -479,7 +479,7 @@ class MViTv2(nn.Module):
         self.specs = specs
         self.patch_embed = PatchEmbed(in_chans, self.arch.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.arch.embed_dim)) if cls_token else None
-        rates = torch.linspace(0, drop_path_rate, len(specs)).tolist()
+        rates = torch.linspace(0, drop_path_rate, len(specs), device="cpu").tolist()
         self.blocks = nn.ModuleList(
             MultiScaleBlock(spec, cls_token, rate, eps) for spec, rate in zip(specs, rates)
         )

@@ -1,0 +1,166 @@
+"""The MViTv2 family: sizes, parameter/FLOP counts, any input size, detection mode and input errors."""
+import pytest
+import torch
+
+from mvit_det import get_model
+from mvit_det.models import ARCHS, MViTv2, get_arch
+from mvit_det.utils.flops import flop_count
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Exact counts from the seed table (mmpretrain metafile; identical in timm's results).
+@pytest.mark.parametrize(
+    "name, params, gflops",
+    [
+        ("mvitv2-tiny_3rdparty_in1k", 24_173_320, 4.70),
+        ("mvitv2-small_3rdparty_in1k", 34_870_216, 7.00),
+        ("mvitv2-base_3rdparty_in1k", 51_472_744, 10.16),
+        ("mvitv2-large_3rdparty_in1k", 217_992_952, 43.87),
+    ],
+)
+def test_in1k_params_and_flops(name, params, gflops):
+    model = get_model(name)
+    assert n_params(model) == params
+    flops = flop_count(model, torch.zeros(1, 3, 224, 224)).total()
+    assert round(flops / 1e9, 2) == gflops
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        # cls-token, widen-in-attention models with the 19168-way in21k head (timm *_cls / official .pyth)
+        ("mvitv2-base_in21k", 65_444_032),
+        ("mvitv2-large_in21k", 234_583_216),
+    ],
+)
+def test_in21k_variants_params(name, params):
+    assert n_params(get_model(name)) == params
+
+
+def test_huge_in21k_params():
+    # 695M parameters: count them on the meta device rather than allocating 2.8 GB.
+    with torch.device("meta"):
+        model = MViTv2("huge", num_classes=19168, cls_token=True)
+    assert n_params(model) == 694_804_128
+    with torch.device("meta"):
+        model = MViTv2("huge", num_classes=1000)
+    assert n_params(model) == 666_879_720
+    with torch.device("meta"):
+        model = MViTv2("large", num_classes=1000)
+    assert n_params(model) == 213_635_368  # L in21k trunk (widens in attention) with a 1000-way head
+
+
+@pytest.mark.parametrize("size, millions", [("T", 23.41), ("S", 34.10), ("B", 50.71), ("L", 212.48), ("H", 665.35)])
+def test_detection_trunk_params(size, millions):
+    with torch.device("meta"):
+        model = MViTv2(size, detection=True)
+    assert round(n_params(model) / 1e6, 2) == millions
+
+
+def test_size_table_is_the_single_definition():
+    assert set(ARCHS) == {"tiny", "small", "base", "large", "huge"}
+    for alias, name in [("T", "tiny"), ("mvitv2_s", "small"), ("MViTv2-B", "base"), ("l", "large"), ("H", "huge")]:
+        assert get_arch(alias) is ARCHS[name]
+    assert ARCHS["tiny"].last_block_indexes == (0, 2, 7, 9)
+    assert ARCHS["huge"].last_block_indexes == (3, 11, 71, 79)
+    with pytest.raises(ValueError, match="Unknown MViTv2 size 'XL'. Valid sizes: tiny"):
+        get_arch("XL")
+
+
+@pytest.mark.parametrize("hw", [(224, 224), (256, 320), (200, 296), (97, 64)])
+def test_any_input_size(hw):
+    model = MViTv2("tiny", num_classes=10).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *hw))
+        feats = model.extract_feat(torch.randn(1, 3, *hw))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert [f.shape[1] for f in feats] == [96, 192, 384, 768]
+
+
+def test_detection_mode_outputs():
+    model = MViTv2("tiny", detection=True).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 320, 480))
+    assert list(out) == ["scale2", "scale3", "scale4", "scale5"]
+    for (name, t), stride, ch in zip(out.items(), (4, 8, 16, 32), (96, 192, 384, 768)):
+        assert t.shape == (1, ch, 320 // stride, 480 // stride), name
+    assert {n for n, _ in model.named_children() if n.endswith("_norm")} == {f"scale{i}_norm" for i in range(2, 6)}
+    assert model.norm is None and model.head is None
+
+
+def test_detection_mode_geometry_matches_detectron2_recipe():
+    specs = MViTv2("tiny", detection=True).specs
+    # windows 56 / 28 / 14 / 7 in pre-pooling tokens, halved after the first block of a stage (that
+    # block still uses the previous stage's window); global in the last block of stages 2-4
+    assert [s.window_size for s in specs] == [56, 56, 0, 28, 14, 14, 14, 0, 14, 0]
+    assert [s.window_size // s.stride_q for s in specs][-2] == 7
+    # kv stride 4/2/1/1, doubled in the global blocks of stages 2 and 3
+    assert [s.stride_kv for s in specs] == [4, 2, 4, 1, 1, 1, 1, 2, 1, 1]
+    assert [s.stride_q for s in specs] == [1, 2, 1, 2, 1, 1, 1, 1, 2, 1]
+
+
+def test_l_in1k_widens_in_mlp():
+    specs = MViTv2("large", expand_attn=False).specs
+    last_of_stage1 = specs[1]
+    assert (last_of_stage1.dim, last_of_stage1.dim_out, last_of_stage1.attn_dim) == (144, 288, 144)
+    first_of_stage2 = specs[2]
+    assert (first_of_stage2.dim, first_of_stage2.dim_out, first_of_stage2.stride_q) == (288, 288, 2)
+
+
+def test_cls_token_model_runs_and_pools_token():
+    model = MViTv2("tiny", num_classes=5, cls_token=True).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        logits = model(x)
+    assert tokens.shape == (2, 1 + 7 * 7, 768)
+    torch.testing.assert_close(logits, model.head(tokens[:, 0]))
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    ref = MViTv2("tiny", num_classes=4).train()
+    ckpt = MViTv2("tiny", num_classes=4, act_checkpoint=True).train()
+    ckpt.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    ref(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    for (n, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_reset_classifier_and_no_weight_decay():
+    model = MViTv2("tiny")
+    model.reset_classifier(7)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    nwd = model.no_weight_decay()
+    assert "blocks.0.attn.rel_pos_h" in nwd and "blocks.9.attn.rel_pos_w" in nwd and len(nwd) == 20
+
+
+@pytest.mark.parametrize(
+    "x, error, message",
+    [
+        (torch.randn(3, 224, 224), ValueError, r"4-D batch \(B, 3, H, W\).*unsqueeze\(0\)"),
+        (torch.randn(1, 1, 224, 224), ValueError, r"expects 3 input channels, got 1.*convert\('RGB'\)"),
+        (torch.randn(1, 4, 224, 224), ValueError, r"expects 3 input channels, got 4"),
+        (torch.randn(1, 3, 16, 224), ValueError, r"16x224 is smaller than the network's total stride \(32\)"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, r"floating-point tensor, got torch.uint8"),
+        ([[1.0]], TypeError, r"expects a torch.Tensor"),
+    ],
+)
+def test_bad_input_errors(x, error, message):
+    model = MViTv2("tiny").eval()
+    with pytest.raises(error, match=message):
+        model(x)
+
+
+def test_detection_mode_rejects_unsupported_combinations():
+    with pytest.raises(ValueError, match="class token"):
+        MViTv2("tiny", detection=True, cls_token=True)
+    with pytest.raises(ValueError, match="expand_attn=True"):
+        MViTv2("large", detection=True, expand_attn=False)
+    with pytest.raises(ValueError, match="Unknown out_features"):
+        MViTv2("tiny", detection=True, out_features=("scale1",))
