@@ -218,9 +218,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=PATCH_STRIDE, padding=3)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        x = self.proj(x)
+        # A channels-last conv output makes the token sequence a free view rather than a transposed copy.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
         hw = (x.shape[2], x.shape[3])
-        return x.flatten(2).transpose(1, 2), hw
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], hw[0] * hw[1], -1), hw
 
 
 def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
@@ -244,20 +245,24 @@ def rel_pos_bias(
 ) -> Tensor:
     """Decomposed relative-position bias as an additive attention mask.
 
-    q: (B, q_h * q_w, c), pooled and normalised but not scaled. Returns (B, q_h * q_w, k_h * k_w).
+    q: (B, q_h * q_w, heads, c), pooled and normalised but not scaled.
+    Returns (B, heads, q_h * q_w, k_h * k_w).
     """
     (q_h, q_w), (k_h, k_w) = q_hw, k_hw
+    b, _, n_heads, c = q.shape
     r_h = rel_pos_lookup(table_h, q_h, k_h).to(q.dtype)
     r_w = rel_pos_lookup(table_w, q_w, k_w).to(q.dtype)
-    r_q = q.reshape(q.shape[0], q_h, q_w, -1)
-    bias_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)
-    bias_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)
-    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, q_h, q_w, k_h, k_w)
-    return bias.reshape(q.shape[0], q_h * q_w, k_h * k_w)
+    r_q = q.reshape(b, q_h, q_w, n_heads, c)
+    # einsum returns permuted views; making the small factors contiguous makes the large sum contiguous,
+    # so the final reshape is free.
+    bias_h = torch.einsum("bhwnc,hkc->bnhwk", r_q, r_h).contiguous()
+    bias_w = torch.einsum("bhwnc,wkc->bnhwk", r_q, r_w).contiguous()
+    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, heads, q_h, q_w, k_h, k_w)
+    return bias.reshape(b, n_heads, q_h * q_w, k_h * k_w)
 
 
 def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
-    """(B, H, W, c) -> (B * nW, window * window, c), zero-padding H and W up to multiples of window.
+    """(B, H, W, C) -> (B * nW, window * window, C), zero-padding H and W up to multiples of window.
 
     The padding is left unmasked on purpose: detectron2's MViT attends to it, and its checkpoints were
     trained that way.
@@ -272,7 +277,7 @@ def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
 
 
 def window_unpartition(x: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
-    """Inverse of ``window_partition``: (B * nW, window * window, c) -> (B, H, W, c)."""
+    """Inverse of ``window_partition``: (B * nW, window * window, C) -> (B, H, W, C)."""
     hp, wp = padded_hw
     b = x.shape[0] // ((hp // window) * (wp // window))
     x = x.view(b, hp // window, wp // window, window, window, -1).transpose(2, 3)
@@ -285,6 +290,10 @@ class PoolingAttention(nn.Module):
     q, k and v are pooled by a depthwise 3x3 conv (shared by all heads) and LayerNorm-ed; q with
     ``stride_q`` (the block's output resolution), k and v with ``stride_kv``. With ``window_size`` > 0,
     attention is computed inside non-overlapping windows of the pooled maps (detection mode).
+
+    Tokens stay in (B, N, heads, c) memory throughout: q/k/v come out of their own projections
+    contiguous, pooling runs channels-last over all heads at once, and SDPA both accepts and returns that
+    layout, so no transposing copies are needed.
 
     forward: (B, [1 +] H*W, dim) and (H, W) -> (B, [1 +] H'*W', dim_out) and (H', W').
     """
@@ -316,26 +325,27 @@ class PoolingAttention(nn.Module):
         self.kv_window = spec.window_size // spec.stride_kv
 
     def _pool(self, x: Tensor, hw: tuple[int, int], pool: nn.Conv2d, norm: nn.LayerNorm) -> tuple[Tensor, tuple[int, int]]:
-        """(B, heads, [1 +] H*W, c) -> (B, heads, [1 +] H'*W', c): depthwise conv, then LN."""
-        b, n_heads, _, c = x.shape
-        cls_tok = None
-        if self.has_cls_token:
-            cls_tok, x = x[:, :, :1], x[:, :, 1:]
-        x = x.reshape(b * n_heads, hw[0], hw[1], c).permute(0, 3, 1, 2)
-        x = pool(x)
-        out_hw = (x.shape[2], x.shape[3])
-        x = x.flatten(2).transpose(1, 2).reshape(b, n_heads, -1, c)
-        if cls_tok is not None:
-            x = torch.cat((cls_tok, x), dim=2)
-        return norm(x), out_hw
+        """(B, [1 +] H*W, heads*c) -> (B, [1 +] H'*W', heads, c): depthwise conv per head, then LN."""
+        b, _, hc = x.shape
+        t = 1 if self.has_cls_token else 0
+        sp = x[:, t:].reshape(b, hw[0], hw[1], hc).permute(0, 3, 1, 2)  # channels-last view
+        # The kernel is shared by the heads; repeating it lets one grouped conv cover all of them.
+        weight = pool.weight.repeat(self.num_heads, 1, 1, 1)
+        sp = F.conv2d(sp, weight, None, pool.stride, pool.padding, groups=hc)
+        out_hw = (sp.shape[2], sp.shape[3])
+        sp = sp.permute(0, 2, 3, 1).reshape(b, -1, hc)
+        if t:
+            sp = torch.cat((x[:, :1], sp), dim=1)
+        return norm(sp.view(b, sp.shape[1], self.num_heads, self.head_dim)), out_hw
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, c)
-        q, q_hw = self._pool(q, hw, self.pool_q, self.norm_q)
-        k, kv_hw = self._pool(k, hw, self.pool_k, self.norm_k)
-        v, _ = self._pool(v, hw, self.pool_v, self.norm_v)
+        b = x.shape[0]
+        w_q, w_k, w_v = self.qkv.weight.chunk(3)
+        b_q, b_k, b_v = self.qkv.bias.chunk(3)
+        q, q_hw = self._pool(F.linear(x, w_q, b_q), hw, self.pool_q, self.norm_q)
+        k, kv_hw = self._pool(F.linear(x, w_k, b_k), hw, self.pool_k, self.norm_k)
+        v, _ = self._pool(F.linear(x, w_v, b_v), hw, self.pool_v, self.norm_v)
+        # q, k, v: (B, [1 +] N, heads, c)
 
         if self.window_size:
             out = self._window_attention(q, k, v, q_hw, kv_hw)
@@ -344,32 +354,35 @@ class PoolingAttention(nn.Module):
 
         # Residual pooling; the class token is left out, as in the official code since 2022-08.
         if self.has_cls_token:
-            out = torch.cat((out[:, :, :1], out[:, :, 1:] + q[:, :, 1:]), dim=2)
+            out = torch.cat((out[:, :1], out[:, 1:] + q[:, 1:]), dim=1)
         else:
             out = out + q
-        out = out.transpose(1, 2).reshape(b, -1, self.num_heads * self.head_dim)
-        return self.proj(out), q_hw
+        return self.proj(out.reshape(b, -1, self.num_heads * self.head_dim)), q_hw
 
     def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
-        b, h, _, c = q.shape
+        """(B, [1 +] N, heads, c) each -> (B, [1 +] Nq, heads, c)."""
         t = 1 if self.has_cls_token else 0
-        q_sp = q[:, :, t:].reshape(b * h, -1, c)
-        bias = rel_pos_bias(q_sp, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
-        bias = bias.view(b, h, bias.shape[1], bias.shape[2])
+        bias = rel_pos_bias(q[:, t:], q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
         if t:  # no positional bias to or from the class token
             bias = F.pad(bias, (1, 0, 1, 0))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        return out.transpose(1, 2)
 
     def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
-        b, h, _, c = q.shape
+        """(B, N, heads, c) each -> (B, Nq, heads, c), attending within windows."""
+        b, _, h, c = q.shape
         qw, kvw = self.q_window, self.kv_window
-        q_win, q_pad_hw = window_partition(q.reshape(b * h, q_hw[0], q_hw[1], c), qw)
-        k_win, _ = window_partition(k.reshape(b * h, kv_hw[0], kv_hw[1], c), kvw)
-        v_win, _ = window_partition(v.reshape(b * h, kv_hw[0], kv_hw[1], c), kvw)
+        q_win, q_pad_hw = window_partition(q.reshape(b, q_hw[0], q_hw[1], h * c), qw)
+        k_win, _ = window_partition(k.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
+        v_win, _ = window_partition(v.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
+        q_win, k_win, v_win = (t.view(t.shape[0], t.shape[1], h, c) for t in (q_win, k_win, v_win))
         bias = rel_pos_bias(q_win, (qw, qw), (kvw, kvw), self.rel_pos_h, self.rel_pos_w)
-        out = F.scaled_dot_product_attention(q_win, k_win, v_win, attn_mask=bias)
+        out = F.scaled_dot_product_attention(
+            q_win.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2), attn_mask=bias
+        )
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, h * c)
         out = window_unpartition(out, qw, q_pad_hw, q_hw)
-        return out.reshape(b, h, q_hw[0] * q_hw[1], c)
+        return out.reshape(b, q_hw[0] * q_hw[1], h, c)
 
 
 class MultiScaleBlock(nn.Module):
@@ -401,8 +414,9 @@ class MultiScaleBlock(nn.Module):
         t = 1 if self.has_cls_token else 0
         cls_tok, x = x[:, :t], x[:, t:]
         b, _, c = x.shape
-        x = self.pool_skip(x.transpose(1, 2).reshape(b, c, hw[0], hw[1]))
-        return torch.cat((cls_tok, x.flatten(2).transpose(1, 2)), dim=1)
+        x = self.pool_skip(x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2))
+        x = x.permute(0, 2, 3, 1).reshape(b, -1, c)
+        return torch.cat((cls_tok, x), dim=1) if cls_tok.shape[1] else x
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
         x_norm = self.norm1(x)
