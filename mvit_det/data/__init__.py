@@ -1,0 +1,4 @@
+"""Input reading shared by classification, detection and evaluation."""
+from .images import ImageNotFoundError, ImageReadError, load_image
+
+__all__ = ["ImageNotFoundError", "ImageReadError", "load_image"]
