@@ -164,3 +164,24 @@ def test_detection_mode_rejects_unsupported_combinations():
         MViTv2("large", detection=True, expand_attn=False)
     with pytest.raises(ValueError, match="Unknown out_features"):
         MViTv2("tiny", detection=True, out_features=("scale1",))
+
+
+@pytest.mark.parametrize("detection", [False, True])
+def test_fused_inference_path_matches_standard_ops(detection):
+    """Without autograd on CPU, linears run through oneDNN's fused kernel; with autograd, plain F.linear."""
+    torch.manual_seed(0)
+    model = MViTv2("tiny", detection=detection).eval()
+    with torch.no_grad():
+        for blk in model.blocks:  # non-trivial rel-pos tables and norms
+            blk.attn.rel_pos_h.normal_(0, 0.1)
+            blk.attn.rel_pos_w.normal_(0, 0.1)
+            blk.norm1.weight.normal_(1, 0.1)
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        fused = model(x)
+    plain = model(x)  # grad enabled -> standard ops
+    if detection:
+        for name in fused:
+            torch.testing.assert_close(fused[name], plain[name].detach(), rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(fused, plain.detach(), rtol=1e-4, atol=1e-5)
