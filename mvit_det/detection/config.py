@@ -1,0 +1,119 @@
+"""yacs support: ``add_mvitv2_config`` and the two recipe pieces detectron2's yacs path lacks.
+
+detectron2's yacs ``build_optimizer`` only makes SGD and its ``DatasetMapper`` can only crop every
+image, so the MViTv2 recipe (AdamW; a 50% "resize to 400-600, then crop" branch before the multi-scale
+resize) needs :func:`build_optimizer` and :func:`build_augmentation`. A ``train_net.py`` uses them as::
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_optimizer(cls, cfg, model):
+            return mvit_det.detection.build_optimizer(cfg, model)
+
+        @classmethod
+        def build_train_loader(cls, cfg):
+            mapper = DatasetMapper(cfg, is_train=True, augmentations=build_augmentation(cfg, is_train=True))
+            return build_detection_train_loader(cfg, mapper=mapper)
+"""
+from __future__ import annotations
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+__all__ = ["NO_WEIGHT_DECAY_PARAMS", "add_mvitv2_config", "build_augmentation", "build_optimizer"]
+
+#: Parameters that detectron2's MViTv2 recipe keeps out of weight decay. Matched by attribute name, as
+#: ``get_default_optimizer_params(overrides=...)`` does; norm layers are covered by ``WEIGHT_DECAY_NORM``.
+NO_WEIGHT_DECAY_PARAMS = ("rel_pos_h", "rel_pos_w")
+
+_OPTIMIZERS = ("SGD", "ADAMW")
+
+
+def add_mvitv2_config(cfg: CN) -> CN:
+    """Add the MViTv2 keys to a detectron2 yacs config (in place; calling it twice is harmless).
+
+    ``MODEL.MVIT``:
+        SIZE: "tiny"/"T", "small"/"S", "base"/"B", "large"/"L", "huge"/"H"; depths, widths and heads come
+            from ``mvit_det.models.ARCHS``.
+        OUT_FEATURES: trunk outputs, a subset of scale2..scale5 (strides 4..32).
+        DROP_PATH_RATE: stochastic depth; None takes the recipe value of the size (T/S 0.2, B 0.4, L 0.5,
+            H 0.6, stored in ``ARCHS[size].det_drop_path_rate``).
+        ACT_CHECKPOINT: recompute blocks in the backward pass (``torch.utils.checkpoint``).
+        PRETRAIN_IMG_SIZE: ImageNet resolution of the initial checkpoint (sizes the rel-pos tables).
+    ``SOLVER.OPTIMIZER`` ("SGD" or "AdamW") and ``SOLVER.BETAS``: read by :func:`build_optimizer`.
+    ``INPUT.CROP.PROB`` and ``INPUT.CROP.PRE_RESIZE_SHORT_EDGE``: read by :func:`build_augmentation`.
+    """
+    if "MVIT" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.MVIT = CN()
+    cfg.MODEL.MVIT.SIZE = "tiny"
+    cfg.MODEL.MVIT.OUT_FEATURES = ["scale2", "scale3", "scale4", "scale5"]
+    cfg.MODEL.MVIT.DROP_PATH_RATE = None
+    cfg.MODEL.MVIT.ACT_CHECKPOINT = False
+    cfg.MODEL.MVIT.PRETRAIN_IMG_SIZE = 224
+
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+
+    # With INPUT.CROP.ENABLED: apply [ResizeShortestEdge(PRE_RESIZE_SHORT_EDGE), RandomCrop] with
+    # probability PROB before the usual resize. PROB 1.0 with no pre-resize is detectron2's own behaviour.
+    cfg.INPUT.CROP.PROB = 1.0
+    cfg.INPUT.CROP.PRE_RESIZE_SHORT_EDGE = []
+    return cfg
+
+
+def build_augmentation(cfg: CN, is_train: bool) -> list[T.Augmentation]:
+    """detectron2's ``build_augmentation`` plus the optional pre-crop branch of the MViTv2 recipe.
+
+    For the MViTv2 YAMLs (train): RandomApply(p=0.5, [ResizeShortestEdge(400/500/600), RandomCrop
+    absolute_range (384, 600)]), ResizeShortestEdge(480..800, max 1333), RandomFlip. Test:
+    ResizeShortestEdge(800, max 1333).
+    """
+    augs = detection_utils.build_augmentation(cfg, is_train)
+    crop = cfg.INPUT.CROP
+    if is_train and crop.ENABLED:
+        if not 0.0 < crop.PROB <= 1.0:
+            raise ValueError(f"cfg.INPUT.CROP.PROB must be in (0, 1], got {crop.PROB}.")
+        branch: list[T.Augmentation] = []
+        if crop.PRE_RESIZE_SHORT_EDGE:
+            branch.append(T.ResizeShortestEdge(list(crop.PRE_RESIZE_SHORT_EDGE), sample_style="choice"))
+        branch.append(T.RandomCrop(crop.TYPE, tuple(crop.SIZE)))
+        if crop.PROB < 1.0:
+            branch = [T.RandomApply(T.AugmentationList(branch), prob=crop.PROB)]
+        augs = branch + augs
+    return augs
+
+
+def build_optimizer(cfg: CN, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW (``cfg.SOLVER.OPTIMIZER``) with the MViTv2 parameter groups.
+
+    Norm layers get ``SOLVER.WEIGHT_DECAY_NORM``, rel-pos tables no weight decay, everything else
+    (biases included, unless ``WEIGHT_DECAY_BIAS`` says otherwise) ``SOLVER.WEIGHT_DECAY``. Gradient
+    clipping follows ``SOLVER.CLIP_GRADIENTS`` as in detectron2.
+    """
+    name = str(cfg.SOLVER.OPTIMIZER).upper()
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"cfg.SOLVER.OPTIMIZER = {cfg.SOLVER.OPTIMIZER!r} is not supported; use 'SGD' or 'AdamW'.")
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        overrides={p: {"weight_decay": 0.0} for p in NO_WEIGHT_DECAY_PARAMS},
+    )
+    if name == "ADAMW":
+        opt = torch.optim.AdamW(
+            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
+    else:
+        opt = torch.optim.SGD(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+    return maybe_add_gradient_clipping(cfg, opt)
