@@ -1,0 +1,21 @@
+"""Checkpoint interop: read official, mmpretrain, timm, detectron2 and mvit-det files, convert them to
+mvit-det's parameter names, download with a hash-checked cache, and load them with strict checks.
+"""
+from .formats import FORMATS, CheckpointInfo, convert_to_mvit_det, describe_state_dict, detect_format
+from .io import DownloadError, download, load_file, save_checkpoint
+from .loading import LoadReport, load_checkpoint, read_checkpoint
+
+__all__ = [
+    "FORMATS",
+    "CheckpointInfo",
+    "DownloadError",
+    "LoadReport",
+    "convert_to_mvit_det",
+    "describe_state_dict",
+    "detect_format",
+    "download",
+    "load_checkpoint",
+    "load_file",
+    "read_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,342 @@
+"""Load a checkpoint of any supported format into an MViTv2, with strict checks and useful errors.
+
+Two partial loads are expected and therefore reported at INFO level only:
+
+* a detection trunk (``MViTv2(..., detection=True)``) initialised from an ImageNet classifier: the
+  classifier's ``norm``, ``head`` and ``cls_token`` are unused and ``scale{2..5}_norm`` keep their
+  initialisation;
+* ``skip_head=True`` (a new number of classes): ``head.fc`` keeps its initialisation.
+
+Anything else that does not fit raises with ``strict=True``; with ``strict=False`` the matching weights
+are loaded and everything skipped is logged as a warning and returned in the ``LoadReport``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import CheckpointInfo, ConvertedCheckpoint, convert, describe_state_dict
+from .io import download, is_url, load_file
+
+__all__ = ["LoadReport", "load_checkpoint", "read_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+Source = Union[str, os.PathLike, Mapping[str, Any]]
+
+_LIST_CAP = 10
+_SCALE_NORM_RE = re.compile(r"^scale\d_norm\.")
+_CLASSIFIER_ONLY = ("norm.", "head.")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_checkpoint`` did. Key lists use mvit-det's parameter names."""
+
+    source: str
+    format: str
+    #: model weights set from the checkpoint
+    loaded: list[str] = field(default_factory=list)
+    #: model weights the checkpoint lacks; they keep their initialisation (only with strict=False)
+    missing: list[str] = field(default_factory=list)
+    #: checkpoint weights with no place in the model (only with strict=False)
+    unexpected: list[str] = field(default_factory=list)
+    #: (name, checkpoint shape, model shape) not loaded because the shapes differ (only with strict=False)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    #: classifier weights kept freshly initialised because of skip_head
+    head_skipped: list[str] = field(default_factory=list)
+    #: expected: model weights this kind of checkpoint cannot provide (scale*_norm from a classifier)
+    initialized: list[str] = field(default_factory=list)
+    #: expected: checkpoint weights this model does not use (a classifier's norm/head/cls_token in a
+    #: detection trunk, the head with num_classes=0 or skip_head, stage norms outside out_features)
+    unused: list[str] = field(default_factory=list)
+    #: detector weights outside the trunk (FPN, RPN, ROI heads), left to Detectron2's checkpointer
+    ignored: list[str] = field(default_factory=list)
+    #: (name, checkpoint length, model length) of rel-pos tables resized by linear interpolation
+    resized: list[tuple[str, int, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when nothing was skipped beyond the expected partial loads listed above."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} weights from {self.source} ({self.format} format)"]
+        for label, items in [
+            ("missing (kept initialisation)", self.missing),
+            ("unexpected (unused)", self.unexpected),
+            ("shape mismatch (skipped)", [m[0] for m in self.mismatched]),
+            ("head skipped", self.head_skipped),
+            ("freshly initialised as expected", self.initialized),
+            ("unused as expected", self.unused),
+            ("detector weights ignored", self.ignored),
+            ("rel-pos tables resized", [r[0] for r in self.resized]),
+        ]:
+            if items:
+                parts.append(f"{label}: {len(items)}")
+        parts += self.notes
+        return "; ".join(parts)
+
+    __str__ = summary
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def _read(source: Source) -> tuple[ConvertedCheckpoint, str]:
+    if isinstance(source, Mapping):
+        obj, label = source, "<dict>"
+    elif is_url(source):
+        obj, label = load_file(download(source)), str(source)
+    elif isinstance(source, (str, os.PathLike)):
+        obj, label = load_file(source), repr(os.fspath(source))
+    else:
+        raise TypeError(
+            f"A checkpoint source must be a file path, an http(s) URL or a loaded checkpoint dict; "
+            f"got {type(source).__name__}."
+        )
+    try:
+        return convert(obj), label
+    except ValueError as e:
+        raise ValueError(f"Cannot use checkpoint {label}: {e}") from None
+
+
+def read_checkpoint(source: Source) -> tuple[dict[str, Tensor], str]:
+    """Read a path, URL or loaded dict and return (state dict in mvit-det's layout, format name)."""
+    conv, _ = _read(source)
+    return conv.state_dict, conv.format
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnosis
+# --------------------------------------------------------------------------------------------
+def _cap(items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_CAP])
+    return shown + (f", ... and {len(items) - _LIST_CAP} more" if len(items) > _LIST_CAP else "")
+
+
+def _model_label(info: CheckpointInfo, detection: bool) -> str:
+    kind = "detection trunk" if detection else f"classifier with {info.num_classes or 0} classes"
+    return f"{info.size_label}, {kind}"
+
+
+def _registry_names(size: str, expand_attn) -> list[str]:
+    from ..models.registry import MODEL_CARDS
+
+    return [n for n, c in MODEL_CARDS.items() if c.arch == size and (expand_attn is None or c.expand_attn == expand_attn)]
+
+
+def _diagnose(ck: CheckpointInfo, m: CheckpointInfo, detection: bool) -> list[str]:
+    """Likely causes of a mismatch, each with its fix."""
+    hints = []
+    if ck.video:
+        hints.append(
+            "the checkpoint holds 5-D conv weights with a temporal size > 1: it is a video MViT. Only image "
+            "(2-D) MViTv2 checkpoints can be loaded."
+        )
+    if (ck.depth, ck.embed_dim) != (m.depth, m.embed_dim) and ck.depth:
+        fix = "build the model with the checkpoint's size"
+        if ck.size:
+            names = _registry_names(ck.size, ck.expand_attn)
+            fix += f", e.g. MViTv2({ck.size!r}, ...)" + (f" or get_model({names[0]!r}, pretrained=...)" if names else "")
+        hints.append(f"wrong model size: the checkpoint looks like {ck.size_label}, the model is {m.size_label}; {fix}.")
+        return hints  # every other difference follows from the size
+    if ck.expand_attn is not None and m.expand_attn is not None and ck.expand_attn != m.expand_attn:
+        where = {True: "inside attention (expand_attn=True)", False: "inside the MLP (expand_attn=False)"}
+        hints.append(
+            f"the checkpoint widens channels {where[ck.expand_attn]} but the model widens {where[m.expand_attn]}. "
+            "MViTv2-L differs between releases: the ImageNet-1k L checkpoint uses expand_attn=False "
+            "(get_model('mvitv2-large_3rdparty_in1k')), the ImageNet-21k L checkpoint and all other sizes use "
+            f"expand_attn=True. Build the model with expand_attn={ck.expand_attn}."
+        )
+    if ck.cls_token != m.cls_token and not detection:
+        hints.append(
+            "the checkpoint has a class token (the ImageNet-21k releases): build the model with cls_token=True."
+            if ck.cls_token
+            else "the model has a class token but the checkpoint has none: build the model with cls_token=False."
+        )
+    if not detection and (ck.detection or not ck.has_final_norm) and m.has_final_norm:
+        hints.append(
+            "the checkpoint is a trunk without the classifier's final norm and head (a detection backbone): "
+            "load it into MViTv2(..., detection=True), or pass strict=False to initialise only the trunk."
+        )
+    elif not detection and m.num_classes is not None and ck.num_classes != m.num_classes:
+        if ck.num_classes is None:
+            hints.append(
+                "the checkpoint has no classifier head (head.fc): pass skip_head=True to keep a freshly "
+                "initialised head."
+            )
+        else:
+            hints.append(
+                f"classifier head size: the checkpoint has {ck.num_classes} classes, the model {m.num_classes}. "
+                f"To fine-tune on {m.num_classes} classes pass num_classes={m.num_classes} to get_model (the head "
+                "is then freshly initialised), or load_checkpoint(..., skip_head=True), or strict=False."
+            )
+    return hints
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _resize_rel_pos(table: Tensor, length: int) -> Tensor:
+    """(L, c) -> (length, c) by linear interpolation, as ``mvitv2.rel_pos_lookup`` does at run time."""
+    out = F.interpolate(table.float().T.unsqueeze(0), size=length, mode="linear").squeeze(0).T
+    return out.to(table.dtype)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: Source,
+    *,
+    strict: bool = True,
+    skip_head: bool = False,
+) -> LoadReport:
+    """Load weights of any supported format (official, mmpretrain, timm, detectron2, mvit-det).
+
+    Args:
+        model: an ``MViTv2`` (classification or ``detection=True``).
+        source: a file path, an http(s) URL (downloaded once into the torch hub cache) or a checkpoint
+            dict already in memory.
+        strict: raise ``ValueError`` on any missing, unexpected or mis-shaped weight, naming the likely
+            cause and the fix. With False, load what fits and log everything that was skipped.
+        skip_head: do not take the classifier head (``head.fc.*``) from the checkpoint (a new number of
+            classes); every other weight must still load.
+
+    Rel-pos tables of another length are resized by linear interpolation.
+    Returns a ``LoadReport``.
+    """
+    conv, label = _read(source)
+    ckpt = dict(conv.state_dict)
+    model_sd = model.state_dict()
+    detection = bool(getattr(model, "detection", False))
+    ck_info, m_info = describe_state_dict(ckpt), describe_state_dict(model_sd)
+    report = LoadReport(source=label, format=conv.format, ignored=list(conv.ignored), notes=list(conv.notes))
+
+    is_trunk_ckpt = ck_info.detection or conv.format == "detectron2"
+    if strict and not detection and is_trunk_ckpt and not ck_info.has_final_norm:
+        raise ValueError(
+            f"Checkpoint {label} is from a detector ({conv.format} format): its MViTv2 trunk has no classifier "
+            "norm and head, so it cannot fill a classification model. Load it into MViTv2(arch, detection=True), "
+            "use an ImageNet checkpoint for classification, or pass strict=False to initialise only the trunk "
+            "(norm and head then stay random)."
+        )
+
+    # The expected partial loads.
+    if detection and not ck_info.detection:  # ImageNet classifier -> detection trunk
+        report.unused = sorted(k for k in ckpt if k.startswith(_CLASSIFIER_ONLY) or k == "cls_token")
+        report.initialized = sorted(k for k in model_sd if _SCALE_NORM_RE.match(k))
+    elif detection:  # stage norms of outputs this trunk does not produce (out_features)
+        report.unused = sorted(k for k in ckpt if _SCALE_NORM_RE.match(k) and k not in model_sd)
+    elif not any(k.startswith("head.") for k in model_sd):  # num_classes=0: features only
+        report.unused = sorted(k for k in ckpt if k.startswith("head."))
+    if skip_head and not detection:
+        report.head_skipped = sorted(k for k in model_sd if k.startswith("head."))
+        report.unused += sorted(k for k in ckpt if k.startswith("head.") and k not in report.unused)
+    for k in report.unused:
+        ckpt.pop(k)
+    skip = set(report.initialized) | set(report.head_skipped)
+
+    to_load: dict[str, Tensor] = {}
+    for k, v in ckpt.items():
+        if k not in model_sd:
+            report.unexpected.append(k)
+            continue
+        target = model_sd[k]
+        if (
+            k.endswith(("rel_pos_h", "rel_pos_w"))
+            and v.ndim == target.ndim == 2
+            and v.shape[1] == target.shape[1]
+            and v.shape[0] != target.shape[0]
+        ):
+            report.resized.append((k, v.shape[0], target.shape[0]))
+            v = _resize_rel_pos(v, target.shape[0])
+        if v.shape != target.shape:
+            report.mismatched.append((k, tuple(v.shape), tuple(target.shape)))
+            continue
+        to_load[k] = v
+    report.missing = [k for k in model_sd if k not in ckpt and k not in skip]
+
+    if strict and not report.complete:
+        raise ValueError(_mismatch_message(label, conv.format, ck_info, m_info, detection, report))
+
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    _log(report, detection)
+    return report
+
+
+def _mismatch_message(
+    label: str, fmt: str, ck: CheckpointInfo, m: CheckpointInfo, detection: bool, report: LoadReport
+) -> str:
+    lines = [f"Checkpoint {label} ({fmt} format) does not fit the model ({_model_label(m, detection)})."]
+    hints = _diagnose(ck, m, detection)
+    lines += [f"Likely cause: {h}" for h in hints]
+    if report.missing:
+        lines.append(f"Missing from the checkpoint ({len(report.missing)}): {_cap(report.missing)}")
+    if report.unexpected:
+        lines.append(f"Unexpected in the checkpoint ({len(report.unexpected)}): {_cap(report.unexpected)}")
+    if report.mismatched:
+        shapes = [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in report.mismatched]
+        lines.append(f"Shape mismatch ({len(shapes)}): {_cap(shapes)}")
+    lines.append(
+        "Fix: "
+        + ("see the likely cause above. " if hints else "use the checkpoint made for this model. ")
+        + "Or pass strict=False to load only the matching weights (everything skipped is logged and listed "
+        "in the returned LoadReport)."
+    )
+    return "\n".join(lines)
+
+
+def _log(report: LoadReport, detection: bool) -> None:
+    logger.info("Loaded %d weights from %s (%s format).", len(report.loaded), report.source, report.format)
+    for note in report.notes:
+        logger.info("Checkpoint conversion: %s.", note)
+    if report.ignored:
+        logger.info(
+            "Ignored %d detector weights outside the MViTv2 trunk (FPN, RPN, ROI heads; Detectron2's "
+            "DetectionCheckpointer loads those): %s",
+            len(report.ignored),
+            _cap(report.ignored),
+        )
+    if detection and report.initialized:
+        logger.info(
+            "Initialising a detection trunk from a classification checkpoint, as expected: the classifier "
+            "weights %s are not used and %s keep their initialisation.",
+            ", ".join(report.unused) or "(none)",
+            ", ".join(sorted({k.split('.')[0] for k in report.initialized})),
+        )
+    elif report.unused:
+        logger.info("Checkpoint weights not used by this model, as expected: %s", ", ".join(report.unused))
+    if report.head_skipped:
+        logger.info(
+            "Classifier head not loaded (skip_head=True): %s keep their fresh initialisation.",
+            ", ".join(report.head_skipped),
+        )
+    if report.resized:
+        logger.info(
+            "Resized %d rel-pos tables by linear interpolation: %s",
+            len(report.resized),
+            _cap([f"{k} {a}->{b}" for k, a, b in report.resized]),
+        )
+    if not report.complete:
+        shapes = [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in report.mismatched]
+        logger.warning(
+            "Partial load from %s (strict=False). %d model weights were not in the checkpoint and keep their "
+            "random initialisation: %s. %d checkpoint weights have no place in the model: %s. %d skipped for "
+            "shape mismatch: %s.",
+            report.source,
+            len(report.missing),
+            ", ".join(report.missing) or "none",
+            len(report.unexpected),
+            ", ".join(report.unexpected) or "none",
+            len(shapes),
+            ", ".join(shapes) or "none",
+        )

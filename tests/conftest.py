@@ -1,0 +1,48 @@
+"""Shared pytest fixtures. Each helper's fixtures live in clearly named functions below."""
+import pytest
+import torch
+from torch import nn
+
+
+# ---- checkpoint interop (test_checkpoint_*.py, test_download.py) ----------------------------
+def _fill_random_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Overwrite every parameter with non-trivial random values, so that parity tests can fail.
+
+    rel-pos tables ~ N(0, 0.1) (the default zero / 0.02 init would hide indexing bugs), LayerNorm
+    weights 1 + 0.1 N and biases 0.1 N, all other biases N(0, 0.02), weights N(0, 1/fan_in).
+    """
+    g = torch.Generator().manual_seed(seed)
+    norm_params = set()
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            norm_params.update(id(p) for p in m.parameters(recurse=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "rel_pos" in name:
+                p.copy_(0.1 * noise)
+            elif id(p) in norm_params:
+                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            elif p.ndim == 1 or name.endswith("cls_token"):
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(noise * p[0].numel() ** -0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def ckpt_fill_random():
+    """``fn(model, seed=0) -> model``: randomise all parameters of a (reference) model in place."""
+    return _fill_random_
+
+
+@pytest.fixture
+def ckpt_hub_dir(tmp_path):
+    """Point torch.hub's cache (and so mvit-det's download cache) at a fresh folder for one test."""
+    old = torch.hub.get_dir()
+    hub = tmp_path / "hub"
+    torch.hub.set_dir(str(hub))
+    try:
+        yield hub / "checkpoints"
+    finally:
+        torch.hub.set_dir(old)
