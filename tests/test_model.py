@@ -185,3 +185,12 @@ def test_fused_inference_path_matches_standard_ops(detection):
             torch.testing.assert_close(fused[name], plain[name].detach(), rtol=1e-4, atol=1e-5)
     else:
         torch.testing.assert_close(fused, plain.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_traceable_for_export():
+    """Tracing (TorchScript export, detectron2's TracingAdapter, fvcore) must see standard ops only."""
+    model = MViTv2("tiny", num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)

@@ -184,8 +184,9 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     """The dtype for oneDNN's fused linear, or None when the plain path must be used."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None  # autograd and torch.compile (which fuses by itself) take the standard op
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # autograd, torch.compile (which fuses by itself) and tracing for export take the standard op
+        return None
     if not torch.backends.mkldnn.is_available():
         return None
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
