@@ -194,3 +194,23 @@ def test_traceable_for_export():
     with torch.no_grad():
         traced = torch.jit.trace(model, x)
         torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_inference_follows_weight_updates():
+    """bf16 weight copies are cached for speed; loading new weights must invalidate them."""
+    torch.manual_seed(0)
+    model = MViTv2("tiny", num_classes=10).eval()
+    other = MViTv2("tiny", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    # (weights are reloaded outside autocast: autocast's own cast cache lives until its context exits)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        before = model(x).float()
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        after = model(x).float()
+        expected = other(x).float()
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        fp32 = model(x)
+    torch.testing.assert_close(after, fp32, rtol=0.05, atol=0.05)  # bf16 stays close to fp32

@@ -195,6 +195,19 @@ def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
     return dtype
 
 
+def _cast_cached(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """``p.to(dtype)``, cached on ``p`` until it is modified, so bf16 inference does not re-cast every
+    weight on every call (autocast does the same for parameters, but only those that require grad)."""
+    if p.dtype == dtype:
+        return p
+    key = (dtype, p._version, p.data_ptr())
+    cached = getattr(p, "_mvit_cast", None)
+    if cached is None or cached[0] != key:
+        cached = (key, p.to(dtype))
+        p._mvit_cast = cached
+    return cached[1]
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = False) -> Tensor:
     """``F.linear`` (then exact GELU when ``gelu``), fused by oneDNN for CPU inference.
 
@@ -204,8 +217,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = False
     """
     dtype = _onednn_dtype(x, weight)
     if dtype is not None:
-        args = [t.to(dtype) if t is not None else None for t in (x, weight, bias)]
-        return torch.ops.mkldnn._linear_pointwise(*args, "gelu" if gelu else "none", [], "none" if gelu else "")
+        weight, bias = _cast_cached(weight, dtype), (None if bias is None else _cast_cached(bias, dtype))
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(dtype), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+        )
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
 
@@ -370,8 +385,12 @@ class PoolingAttention(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
         b = x.shape[0]
-        w_q, w_k, w_v = self.qkv.weight.chunk(3)
-        b_q, b_k, b_v = self.qkv.bias.chunk(3)
+        dtype = _onednn_dtype(x, self.qkv.weight)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        if dtype is not None:  # cast once (cached) before chunking, not per chunk view
+            weight, bias = _cast_cached(weight, dtype), _cast_cached(bias, dtype)
+        w_q, w_k, w_v = weight.chunk(3)
+        b_q, b_k, b_v = bias.chunk(3)
         q, q_hw = self._pool(linear(x, w_q, b_q), hw, self.pool_q, self.norm_q)
         k, kv_hw = self._pool(linear(x, w_k, b_k), hw, self.pool_k, self.norm_k)
         v, _ = self._pool(linear(x, w_v, b_v), hw, self.pool_v, self.norm_v)
