@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEMO_IMAGE ?= demo/cat.jpg
 
-.PHONY: setup setup-test test demo
+.PHONY: setup setup-test test demo demo-classify
 
 setup:
 	VENV="$(VENV)" bash scripts/setup_env.sh
@@ -14,5 +14,9 @@ setup-test:
 test: setup-test
 	$(PYTHON) -m pytest -q tests
 
+# The main job: train MViTv2-T Mask R-CNN on the built-in toy dataset on the CPU, evaluate, visualise.
 demo: setup
+	$(PYTHON) tools/main_job.py
+
+demo-classify: setup
 	$(PYTHON) tools/classify.py $(DEMO_IMAGE)

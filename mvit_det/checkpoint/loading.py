@@ -213,6 +213,7 @@ def load_checkpoint(
     Rel-pos tables of another length are resized by linear interpolation.
     Returns a ``LoadReport``.
     """
+    _check_model(model)
     conv, label = _read(source)
     ckpt = dict(conv.state_dict)
     model_sd = model.state_dict()
@@ -271,6 +272,22 @@ def load_checkpoint(
     report.loaded = sorted(to_load)
     _log(report, detection)
     return report
+
+
+def _check_model(model: nn.Module) -> None:
+    """load_checkpoint fills one MViTv2; a whole detector (or any other module) gets the way to do that instead."""
+    from ..models import MViTv2
+
+    if isinstance(model, MViTv2):
+        return
+    inner = [name for name, m in model.named_modules() if isinstance(m, MViTv2)]
+    if inner:
+        raise TypeError(
+            f"load_checkpoint loads into an MViTv2, got a {type(model).__name__} that contains one at "
+            f"{inner[0]!r}. For a detectron2 detector use mvit_det.detection.MViTv2Checkpointer(model).load(path) "
+            f"(it also loads detector checkpoints), or load the backbone only: load_checkpoint(model.{inner[0]}, path)."
+        )
+    raise TypeError(f"load_checkpoint loads into an MViTv2 model, got a {type(model).__name__}.")
 
 
 def _mismatch_message(

@@ -80,6 +80,17 @@ def inference_model(
     finally:
         model.train(was_training)
 
+    if not torch.isfinite(logits).all():
+        # An image cannot hold NaN/Inf (it is uint8 until normalised), so the weights do: a diverged training run,
+        # or float16 overflow. Raise instead of returning an arbitrary "best" class.
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        cause = (
+            f"{len(bad)} weight tensors contain NaN/Inf (first: {', '.join(bad[:3])}); load a checkpoint saved before "
+            "training diverged"
+            if bad
+            else f"the weights are finite, so the forward pass overflowed in {param.dtype}; run in float32 or bfloat16"
+        )
+        raise FloatingPointError(f"The model returned NaN/Inf scores for this image: {cause}.")
     scores = logits[0].float().softmax(dim=-1).cpu().numpy()
     order = np.argsort(-scores, kind="stable")[: min(topk, num_classes)]
     top = [(int(i), float(scores[i]), names(int(i))) for i in order]

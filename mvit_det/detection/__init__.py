@@ -10,11 +10,13 @@ from .backbone import (
     build_mvitv2_fpn_backbone,
     build_retinanet_mvitv2_fpn_backbone,
 )
+from .checkpoint import MViTv2Checkpointer
 from .config import NO_WEIGHT_DECAY_PARAMS, add_mvitv2_config, build_augmentation, build_optimizer
 
 __all__ = [
     "NO_WEIGHT_DECAY_PARAMS",
     "MViTv2Backbone",
+    "MViTv2Checkpointer",
     "add_mvitv2_config",
     "build_augmentation",
     "build_mvitv2_backbone",

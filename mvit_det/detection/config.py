@@ -16,13 +16,25 @@ resize) needs :func:`build_optimizer` and :func:`build_augmentation`. A ``train_
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 from detectron2.config import CfgNode as CN
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-__all__ = ["NO_WEIGHT_DECAY_PARAMS", "add_mvitv2_config", "build_augmentation", "build_optimizer"]
+__all__ = [
+    "NO_WEIGHT_DECAY_PARAMS",
+    "add_mvitv2_config",
+    "build_augmentation",
+    "build_optimizer",
+    "check_lazy_overrides",
+    "unknown_yacs_key_message",
+]
 
 #: Parameters that detectron2's MViTv2 recipe keeps out of weight decay. Matched by attribute name, as
 #: ``get_default_optimizer_params(overrides=...)`` does; norm layers are covered by ``WEIGHT_DECAY_NORM``.
@@ -117,3 +129,88 @@ def build_optimizer(cfg: CN, model: torch.nn.Module) -> torch.optim.Optimizer:
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
     return maybe_add_gradient_clipping(cfg, opt)
+
+
+# --------------------------------------------------------------------------------------------
+# Config keys that do not exist
+# --------------------------------------------------------------------------------------------
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _target_params(target: Any) -> tuple[list[str], bool]:
+    """(parameter names, accepts **kwargs) of a LazyCall target; ([], True) when it cannot be inspected."""
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        try:
+            target = locate(target)
+        except Exception:
+            return [], True
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return [], True
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def check_lazy_overrides(cfg: Any, overrides: Sequence[str]) -> None:
+    """Refuse ``key=value`` overrides of a LazyConfig whose key does not exist.
+
+    ``LazyConfig.apply_overrides`` creates any key it is given, so a typo such as ``train.max_itr=100`` is
+    silently ignored by training. A key that is not in the config is accepted only as a new argument of a
+    ``LazyCall`` target whose signature has that parameter (or ``**kwargs``).
+
+    Raises:
+        ValueError: naming the key, the closest existing keys and the keys available at that level.
+    """
+    from omegaconf import DictConfig, ListConfig
+
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        parts = key.split(".")
+        node = cfg
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i]) or "the config"
+            if isinstance(node, ListConfig):
+                if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
+                    raise ValueError(
+                        f"Unknown config key {key!r}: {where} is a list of {len(node)} items, {part!r} is not an "
+                        "index of it."
+                    )
+                node = node[int(part)]
+            elif isinstance(node, (DictConfig, Mapping)):
+                if part in node:
+                    node = node[part]
+                    continue
+                keys = [k for k in node.keys() if k != "_target_"]
+                if "_target_" in node and i == len(parts) - 1:
+                    params, var_kw = _target_params(node["_target_"])
+                    if var_kw or part in params:
+                        break  # a new argument of the called object: legitimate
+                    keys = sorted(set(keys) | set(params))
+                raise ValueError(
+                    f"Unknown config key {key!r}: {where} has no entry {part!r}.{_did_you_mean(part, keys)} "
+                    f"Keys there: {', '.join(map(str, keys)) or '(none)'}."
+                )
+            else:
+                raise ValueError(f"Unknown config key {key!r}: {where} is a value ({node!r}), not a group of keys.")
+
+
+def unknown_yacs_key_message(cfg: CN, full_key: str) -> str:
+    """The message for a yacs key that does not exist: closest keys, and ``add_mvitv2_config`` for MVIT keys."""
+    parts = full_key.split(".")
+    node, i = cfg, 0
+    while i < len(parts) - 1 and isinstance(node, CN) and parts[i] in node:
+        node, i = node[parts[i]], i + 1
+    where = ".".join(parts[:i]) or "the config"
+    keys = list(node.keys()) if isinstance(node, CN) else []
+    msg = f"Unknown config key {full_key}: {where} has no key {parts[i]!r}.{_did_you_mean(parts[i], keys)}"
+    if parts[:2] == ["MODEL", "MVIT"] and "MVIT" not in cfg.MODEL:
+        msg += (
+            " MODEL.MVIT exists only after mvit_det.detection.add_mvitv2_config(cfg); call it before "
+            "merge_from_file."
+        )
+    return msg

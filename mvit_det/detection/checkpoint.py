@@ -1,0 +1,187 @@
+"""``MViTv2Checkpointer``: detectron2's ``DetectionCheckpointer`` that reads every MViTv2 checkpoint format and
+never leaves a layer randomly initialised without saying so.
+
+What it changes, and why:
+
+* **Any ImageNet checkpoint initialises the backbone.** Official ``.pyth``, mmpretrain, timm and mvit-det files
+  (paths or URLs, including ``detectron2://ImageNetPretrained/mvitv2/*.pyth``) are converted with
+  :mod:`mvit_det.checkpoint` and loaded into the MViTv2 trunk by exact name. detectron2 alone reads only the
+  ``.pyth`` layout, through suffix-matching heuristics; an mmpretrain or timm file makes it fail with
+  "Unsupported type found in checkpoint", and an MViTv2-S file is half-loaded into a -T detector with a warning.
+* **A backbone of the wrong shape is an error**, for ImageNet and detector checkpoints alike: wrong size (S into
+  T), the L in1k vs in21k layout, a class token. The message names the checkpoint's size and the fix. Only the
+  expected partial loads pass: a classifier's ``norm``/``head`` are unused and the detector's stage norms
+  (``scale2..5_norm``), FPN, RPN and ROI heads keep their initialisation. detectron2's usual "Some model
+  parameters or buffers are not found in the checkpoint" warning then lists exactly those layers.
+* **``require_all=True``** (used for inference and evaluation) turns any weight the checkpoint does not provide,
+  or provides with another shape, into a ``ValueError`` that lists them and names the likely cause (a
+  different ``num_classes``, an ImageNet checkpoint where a trained detector is needed). With ``False``
+  (training initialisation) these are logged by detectron2 as warnings, as usual, since fine-tuning a COCO
+  detector with a new number of classes is a normal recipe.
+* Unreadable files (missing, empty, truncated, an HTML page, pickled objects) fail with
+  :func:`mvit_det.checkpoint.load_file`'s messages instead of a zip or unpickling traceback.
+
+Detector checkpoints (detectron2 model-zoo ``.pkl``, ``model_final.pth``, training checkpoints with optimizer
+state) are otherwise loaded exactly as ``DetectionCheckpointer`` loads them, so ``--resume`` is unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
+
+from ..checkpoint import detect_format, load_checkpoint, load_file
+from ..models import MViTv2
+
+__all__ = ["MViTv2Checkpointer"]
+
+logger = logging.getLogger(__name__)
+
+_CLASSIFIER_FORMATS = ("official", "mmpretrain", "timm", "mvit-det")
+_SHOW = 10
+
+
+def _cap(items: list[str]) -> str:
+    return ", ".join(items[:_SHOW]) + (f", ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+class MViTv2Checkpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` for models with an MViTv2 backbone (see the module docstring).
+
+    Args:
+        model, save_dir, save_to_disk, checkpointables: as ``DetectionCheckpointer``.
+        require_all: raise ``ValueError`` when a loaded checkpoint does not provide every weight of the model
+            with the right shape. Use it whenever the weights are used as they are (inference, evaluation).
+    """
+
+    def __init__(self, model: nn.Module, save_dir: str = "", *, require_all: bool = False, **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        self.require_all = require_all
+        self._path: Optional[str] = None
+        self._imagenet_format: Optional[str] = None
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def load(self, path: str, *args: Any, **kwargs: Any) -> dict:
+        if not path:
+            if self.require_all:
+                self.logger.warning(
+                    "No checkpoint given: every weight of the model keeps its RANDOM initialisation, so its "
+                    "outputs are meaningless. Pass the trained checkpoint (--weights / train.init_checkpoint / "
+                    "MODEL.WEIGHTS)."
+                )
+            return super().load(path, *args, **kwargs)
+        local = path
+        if "://" in path and not path.startswith("file://"):
+            local = self.path_manager.get_local_path(path.split("?", 1)[0])  # downloads URLs once
+        if not os.path.exists(local):
+            raise FileNotFoundError(
+                f"Checkpoint {path} not found. Check the path (relative paths are relative to {os.getcwd()})."
+            )
+        self._path, self._imagenet_format = path, None
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._path = None
+
+    def _trunk(self) -> tuple[str, Optional[MViTv2]]:
+        """(prefix of its parameters, module) of the model's MViTv2 backbone, or ("", None) if it has none."""
+        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, MViTv2)]
+        if len(found) != 1:
+            return "", None
+        name, module = found[0]
+        return (name + "." if name else ""), module
+
+    def _load_file(self, filename: str) -> dict:
+        raw = load_file(filename)  # clear errors for missing / empty / truncated / non-checkpoint files
+        try:
+            fmt = detect_format(raw)
+        except ValueError:
+            fmt = None  # not an MViTv2 layout we know: leave it to detectron2
+        prefix, trunk = self._trunk()
+        if fmt in _CLASSIFIER_FORMATS and trunk is not None:
+            return self._from_imagenet(raw, filename, prefix, trunk)
+        loaded = super()._load_file(filename)
+        if fmt == "detectron2" and trunk is not None:
+            self._check_trunk(loaded["model"], filename, prefix, trunk)
+        return loaded
+
+    def _from_imagenet(self, raw: Any, filename: str, prefix: str, trunk: MViTv2) -> dict:
+        """Convert an ImageNet checkpoint, check it strictly against the trunk, and hand the trunk weights under
+        their full names to detectron2's loader (whose log then lists everything else as initialised)."""
+        try:
+            report = load_checkpoint(trunk, raw, strict=True)
+        except ValueError as e:
+            raise ValueError(self._relabel(e, filename, prefix)) from None
+        self._imagenet_format = report.format
+        sd = trunk.state_dict()  # rel-pos tables already resized to the trunk's
+        self.logger.info(
+            "Read %s as an ImageNet MViTv2 checkpoint (%s format): %d backbone weights for %s; the classifier's %s "
+            "are not used. The detector's other layers (%s, FPN, RPN, ROI heads) keep their initialisation, as "
+            "expected when starting from ImageNet weights.",
+            filename, report.format, len(report.loaded), prefix.rstrip(".") or "the model",
+            ", ".join(report.unused) or "(nothing)", ", ".join(sorted({k.split(".")[0] for k in report.initialized})),
+        )  # fmt: skip
+        return {
+            "model": {prefix + k: sd[k] for k in report.loaded},
+            "__author__": f"mvit-det ({report.format})",
+            "matching_heuristics": False,
+        }
+
+    def _check_trunk(self, model_sd: dict, filename: str, prefix: str, trunk: MViTv2) -> None:
+        """The backbone part of a detector checkpoint must fit the trunk exactly (size, layout, class token)."""
+        part = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+        if not part:
+            raise ValueError(
+                f"Checkpoint {filename} is a detector checkpoint without MViTv2 backbone weights (no keys under "
+                f"{prefix!r}): it belongs to a model with another backbone. Use a checkpoint of this config."
+            )
+        try:
+            load_checkpoint(trunk, part, strict=True)
+        except ValueError as e:
+            raise ValueError(self._relabel(e, filename, prefix)) from None
+
+    @staticmethod
+    def _relabel(error: ValueError, filename: str, prefix: str) -> str:
+        msg = str(error).replace("Checkpoint <dict>", f"Checkpoint {filename!r}", 1)
+        where = prefix.rstrip(".") or "model"
+        return f"Cannot load {filename}: it does not fit the MViTv2 backbone ({where}) of this model.\n{msg}"
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def _load_model(self, checkpoint: dict):
+        incompatible = super()._load_model(checkpoint)
+        if self.require_all and incompatible is not None:
+            if incompatible.missing_keys or incompatible.incorrect_shapes:
+                raise ValueError(self._incomplete_message(incompatible))
+        return incompatible
+
+    def _incomplete_message(self, incompatible) -> str:
+        missing = sorted(incompatible.missing_keys)
+        shapes = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+        lines = [
+            f"Checkpoint {self._path} does not provide every weight of this model, so some layers would keep their "
+            "random initialisation and the outputs would be meaningless. Inference and evaluation need a "
+            "checkpoint of this exact model."
+        ]
+        if self._imagenet_format is not None:
+            lines.append(
+                f"Likely cause: it is an ImageNet classification checkpoint ({self._imagenet_format} format), which "
+                "holds only the backbone. It can initialise training (train.init_checkpoint / MODEL.WEIGHTS), but "
+                "for inference you need a trained detector checkpoint (e.g. output/model_final.pth)."
+            )
+        cls = [(k, a, b) for k, a, b in shapes if k.endswith("cls_score.weight")]
+        if cls:
+            _, a, b = cls[0]
+            lines.append(
+                f"Likely cause: the checkpoint predicts {a[0] - 1} classes but this model {b[0] - 1}. Set "
+                f"model.roi_heads.num_classes={a[0] - 1} (LazyConfig) or MODEL.ROI_HEADS.NUM_CLASSES {a[0] - 1} "
+                "(yacs) to use the checkpoint as it is, or use the checkpoint trained with this config."
+            )
+        if missing:
+            lines.append(f"Not in the checkpoint ({len(missing)}): {_cap(missing)}")
+        if shapes:
+            shown = [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in shapes]
+            lines.append(f"Shape mismatch ({len(shown)}): {_cap(shown)}")
+        return "\n".join(lines)
