@@ -98,7 +98,8 @@ def main(args: argparse.Namespace):
     if args.eval_only:
         s = run_settings(cfg)
         model = build_model(cfg)
-        AtomicCheckpointer(model, s.output_dir).resume_or_load(s.init_checkpoint, resume=args.resume)
+        # Evaluation needs every weight from the checkpoint: a layer left at its initialisation is an error.
+        AtomicCheckpointer(model, s.output_dir, require_all=True).resume_or_load(s.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     try:
         return do_train(cfg, resume=args.resume)
@@ -110,6 +111,7 @@ def main(args: argparse.Namespace):
 def cli(argv=None) -> int:
     args = parse_args(argv)
     try:  # fail here, once, with a short message, rather than in every worker process
+        register_coco_datasets(args.register_coco)
         load_config(args.config_file, args.opts)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"train_net: {e}", file=sys.stderr)

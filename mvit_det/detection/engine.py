@@ -1,7 +1,7 @@
 """Training and evaluation for both config systems: LazyConfig ``.py`` files and yacs ``.yaml`` files.
 
 ``tools/train_net.py`` is a thin command line around this module; ``tools/main_job.py`` calls it in-process.
-The loop is detectron2's ``SimpleTrainer`` with three changes:
+The loop is detectron2's ``SimpleTrainer`` with these changes:
 
 * AMP (``torch.autocast`` + ``GradScaler``) runs only when CUDA is available; on a CPU it is switched off with a
   log line instead of failing inside ``AMPTrainer``.
@@ -10,6 +10,13 @@ The loop is detectron2's ``SimpleTrainer`` with three changes:
   last periodic checkpoint stays the last good one.
 * Checkpoints are written atomically (temporary file + ``os.replace``), so a job killed while saving never
   leaves a truncated ``model_*.pth`` or a ``last_checkpoint`` pointing at one.
+* ``--resume`` also continues the training images where they stopped (``resume.TrainLoaderState``) and removes the
+  temporary files of a killed save; weights load through ``MViTv2Checkpointer`` (every ImageNet format, strict
+  backbone checks, ``require_all`` for evaluation).
+
+Around the loop: the device falls back to the CPU (with AMP off) when CUDA is missing, ``nn.SyncBatchNorm``
+becomes BN outside multi-GPU runs, the heads' ``num_classes`` are checked against the dataset before training,
+and every rank logs a digest of its final weights so that replicas can be compared.
 
 Everything that differs between the two config systems goes through ``RunSettings`` and the ``build_*``
 functions below, so the loop itself is written once.
@@ -29,13 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.engine import SimpleTrainer, create_ddp_model, default_writers, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from ..data.toy import register_datasets_for
+from .checkpoint import MViTv2Checkpointer
+from .resume import TrainLoaderState, remove_unfinished_checkpoints
 
 __all__ = [
     "AtomicCheckpointer",
@@ -113,15 +121,25 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
                 f"LazyConfig overrides must be key=value, got {bad}. Example: train.max_iter=100 "
                 "dataloader.train.total_batch_size=2."
             )
+        from .config import check_lazy_overrides
+
         cfg = LazyConfig.load(path)
+        check_lazy_overrides(cfg, opts)  # apply_overrides would add a mistyped key silently
         return LazyConfig.apply_overrides(cfg, list(opts))
     if ext in (".yaml", ".yml"):
         from . import add_mvitv2_config  # also registers the MViTv2 backbones with BACKBONE_REGISTRY
+        from .config import unknown_yacs_key_message
 
         cfg = get_cfg()
         add_mvitv2_config(cfg)
-        cfg.merge_from_file(path)
-        cfg.merge_from_list(yacs_opts_to_list(opts))
+        try:
+            cfg.merge_from_file(path)
+            cfg.merge_from_list(yacs_opts_to_list(opts))
+        except (KeyError, AssertionError) as e:  # yacs: KeyError from files, AssertionError from lists
+            m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+            if m is None:
+                raise
+            raise ValueError(unknown_yacs_key_message(cfg, m.group(1))) from None
         return cfg
     raise ValueError(f"Unknown config type {path!r}: use a LazyConfig .py file or a yacs .yaml file.")
 
@@ -139,7 +157,8 @@ def register_coco_datasets(specs: Sequence[Sequence[str]]) -> None:
     """Register COCO-format datasets given as ``(name, json_file, image_root)``; already-registered names with the
     same json file are skipped. Used by ``tools/train_net.py --register-coco``."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
+
+    from ..data.coco import register_coco_instances  # checks the files when the dataset is loaded
 
     for name, json_file, image_root in specs:
         if not os.path.isfile(json_file):
@@ -432,8 +451,11 @@ def check_num_classes(model: nn.Module, dataset_name: str) -> None:
 
 
 # -- checkpointing -------------------------------------------------------------------------------------------
-class AtomicCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` whose files are always complete: write to ``<file>.tmp``, then ``os.replace``."""
+class AtomicCheckpointer(MViTv2Checkpointer):
+    """``MViTv2Checkpointer`` whose files are always complete: write to ``<file>.tmp<pid>``, then ``os.replace``.
+
+    Pass ``require_all=True`` when the loaded weights are used as they are (``--eval-only``).
+    """
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -494,10 +516,17 @@ class Trainer(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - t0
 
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            loss_dict = self.model(data)
-        losses = sum(loss_dict.values())
-        self._check_finite(losses, loss_dict)
+        diverged = None
+        try:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        except FloatingPointError as e:
+            # detectron2's RPN raises this itself when its boxes or scores are already NaN/Inf (it happens before
+            # the loss is computed once the weights have blown up); stop the same way, on every rank.
+            device = next(self.model.parameters()).device  # the all-reduce below needs it on the model's device
+            loss_dict, losses, diverged = {}, torch.full((), float("nan"), device=device), str(e)
+        self._check_finite(losses, loss_dict, diverged)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is not None:
@@ -512,7 +541,7 @@ class Trainer(SimpleTrainer):
         else:
             self.optimizer.step()
 
-    def _check_finite(self, losses: torch.Tensor, loss_dict: dict) -> None:
+    def _check_finite(self, losses: torch.Tensor, loss_dict: dict, diverged: Optional[str] = None) -> None:
         ok = torch.isfinite(losses.detach()).to(torch.float32).reshape(1)
         if comm.get_world_size() > 1:
             # Every rank must stop at the same step, or the others hang in the next all-reduce.
@@ -520,8 +549,12 @@ class Trainer(SimpleTrainer):
         if ok.item() < 1:
             self.stopped_on_nonfinite = True
             values = {k: float(v.detach()) for k, v in loss_dict.items()}
+            if diverged:
+                detail = f"detectron2 stopped earlier in the forward pass: {diverged}"
+            else:
+                detail = f"this rank's losses: {values}"
             raise NonFiniteLossError(
-                f"Loss became NaN or Inf at iteration {self.iter} (this rank's losses: {values}). Training was "
+                f"Loss became NaN or Inf at iteration {self.iter} ({detail}). Training was "
                 "stopped before this update, so the last saved checkpoint holds the last good weights. Lower the "
                 "learning rate or lengthen the warm-up, check the data for empty or degenerate boxes, then resume "
                 "with --resume."
@@ -601,7 +634,10 @@ def do_train(cfg: AnyConfig, resume: bool = False, model: Optional[nn.Module] = 
         return last_results
 
     trainer = Trainer(ddp_model, train_loader, optimizer, amp=s.amp)
-    checkpointer = AtomicCheckpointer(model, s.output_dir, trainer=trainer)
+    # The sampler's seed goes into every checkpoint, so that --resume can continue the same image order.
+    data_state = TrainLoaderState(train_loader)
+    checkpointables = {"train_data": data_state} if data_state.supported else {}
+    checkpointer = AtomicCheckpointer(model, s.output_dir, trainer=trainer, **checkpointables)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -616,10 +652,20 @@ def do_train(cfg: AnyConfig, resume: bool = False, model: Optional[nn.Module] = 
         ]
     )
 
+    if resume and comm.is_main_process():
+        removed = remove_unfinished_checkpoints(s.output_dir)
+        if removed:
+            logger.warning(
+                "Removed %d unfinished checkpoint file(s) left by a job killed while saving: %s",
+                len(removed), ", ".join(removed),
+            )  # fmt: skip
     checkpointer.resume_or_load(s.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     if start_iter:
         logger.info("Resuming from %s at iteration %d.", checkpointer.get_checkpoint_file(), start_iter)
+        skipped = data_state.skip_batches(start_iter)
+        if skipped:
+            logger.info("The training data continue after the %d images per process used so far.", skipped)
     if start_iter >= s.max_iter:
         logger.info("Nothing to train: the checkpoint is at iteration %d and max_iter is %d.", start_iter, s.max_iter)
     try:

@@ -5,7 +5,12 @@
 * LazyConfig (``.py``) users get :class:`LazyPredictor`, which does what ``DefaultPredictor`` does for yacs:
   instantiate ``cfg.model``, load weights, apply the config's test-time augmentation (``cfg.dataloader.test.mapper``)
   and input channel order, and return ``{"instances": Instances}`` in original image coordinates.
-* :func:`build_predictor` picks the right one from a config path.
+* :func:`build_predictor` picks the right one from a config path (for yacs, :class:`CheckedDefaultPredictor`:
+  ``DefaultPredictor`` with the weight and input checks below).
+
+Weights load through :class:`~mvit_det.detection.checkpoint.MViTv2Checkpointer` with ``require_all=True``: a
+checkpoint that leaves any layer at its random initialisation (an ImageNet backbone, another ``num_classes``) is an
+error, not a warning. A non-float32 model and images too elongated for the test resize are refused with the fix.
 
 Both take one BGR ``uint8`` array of shape (H, W, 3), as returned by ``cv2.imread``.
 """
@@ -19,12 +24,14 @@ import numpy as np
 import torch
 
 import detectron2.data.transforms as T
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
+from detectron2.engine import DefaultPredictor
 
-__all__ = ["LazyPredictor", "build_predictor", "dataset_metadata"]
+from .checkpoint import MViTv2Checkpointer
+
+__all__ = ["CheckedDefaultPredictor", "LazyPredictor", "build_predictor", "dataset_metadata"]
 
 
 def dataset_metadata(names: Union[str, Sequence[str]]) -> Metadata:
@@ -68,6 +75,30 @@ def _check_image(image: Any) -> np.ndarray:
     return image
 
 
+def _check_model_dtype(model: torch.nn.Module) -> None:
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        raise TypeError(
+            f"The predictor runs the detector in float32, but its weights are {dtype} (model.half() or .to(dtype)); "
+            "detectron2's detectors do not support that. Keep the model in float32 and, for reduced precision, wrap "
+            "the call in torch.autocast('cpu', dtype=torch.bfloat16) (or torch.autocast('cuda'))."
+        )
+
+
+def _check_resizable(augs: Sequence[T.Augmentation], height: int, width: int) -> None:
+    """Name the problem before PIL's "height and width must be > 0" when the test resize would shrink a very
+    elongated image to nothing."""
+    for aug in augs:
+        if isinstance(aug, T.ResizeShortestEdge):
+            for short in aug.short_edge_length:
+                if min(T.ResizeShortestEdge.get_output_shape(height, width, short, aug.max_size)) < 1:
+                    raise ValueError(
+                        f"Cannot run the detector on an image of {height}x{width} pixels: with the test resize (short "
+                        f"side {short}, long side at most {aug.max_size}) its shorter side would be resized to 0 "
+                        f"pixels. Crop it, or cut it into tiles, to an aspect ratio of at most {2 * aug.max_size}:1."
+                    )
+
+
 class LazyPredictor:
     """``DefaultPredictor`` for LazyConfig models.
 
@@ -107,7 +138,9 @@ class LazyPredictor:
         self.model = instantiate(cfg.model).to(self.device).eval()
         if weights is None:
             weights = cfg.get("train", {}).get("init_checkpoint", "")
-        DetectionCheckpointer(self.model).load(weights)
+        # Every weight must come from the checkpoint: an ImageNet checkpoint or one for another num_classes is an
+        # error here, not a warning (``""`` keeps the random initialisation, with a warning).
+        MViTv2Checkpointer(self.model, require_all=True).load(weights)
 
         test = cfg.dataloader.test
         self.aug = T.AugmentationList(list(instantiate(test.mapper.augmentations)))
@@ -120,17 +153,40 @@ class LazyPredictor:
     def __call__(self, original_image: np.ndarray) -> dict:
         """(H, W, 3) BGR uint8 -> ``{"instances": Instances}`` (boxes, scores, classes, masks; image coordinates)."""
         image = _check_image(original_image)
+        _check_model_dtype(self.model)
         if self.input_format == "RGB":
             image = image[:, :, ::-1]
         height, width = image.shape[:2]
+        _check_resizable(self.aug.augs, height, width)
         aug_input = T.AugInput(np.ascontiguousarray(image))
         self.aug(aug_input)
         tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1)).to(self.device)
         return self.model([{"image": tensor, "height": height, "width": width}])[0]
 
 
+class CheckedDefaultPredictor(DefaultPredictor):
+    """detectron2's ``DefaultPredictor`` (yacs configs) with the weight loading and input checks of
+    :class:`LazyPredictor`: every weight must come from ``cfg.MODEL.WEIGHTS``, and a bad image, a float16 model or
+    an image too elongated for the test resize raise an error that says what to do."""
+
+    def __init__(self, cfg):
+        weights = cfg.MODEL.WEIGHTS
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = ""  # loaded below, with MViTv2Checkpointer's checks
+        cfg.freeze()
+        super().__init__(cfg)
+        MViTv2Checkpointer(self.model, require_all=True).load(weights)
+
+    def __call__(self, original_image: np.ndarray) -> dict:
+        image = _check_image(original_image)
+        _check_model_dtype(self.model)
+        _check_resizable([self.aug], *image.shape[:2])
+        return super().__call__(image)
+
+
 def build_predictor(config_path: str, weights: Optional[str] = None, device: Optional[str] = None, opts: Sequence[str] = ()):
-    """A predictor for a ``.py`` (``LazyPredictor``) or ``.yaml`` (detectron2 ``DefaultPredictor``) config.
+    """A predictor for a ``.py`` (``LazyPredictor``) or ``.yaml`` (``CheckedDefaultPredictor``) config.
 
     Args:
         config_path: the config file.
@@ -140,8 +196,6 @@ def build_predictor(config_path: str, weights: Optional[str] = None, device: Opt
 
     The returned predictor has a ``metadata`` attribute with the test dataset's class names.
     """
-    from detectron2.engine import DefaultPredictor
-
     from .engine import is_lazy, load_config
 
     cfg = load_config(config_path, opts)
@@ -153,6 +207,6 @@ def build_predictor(config_path: str, weights: Optional[str] = None, device: Opt
         cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.DEVICE = device
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = CheckedDefaultPredictor(cfg)
     predictor.metadata = dataset_metadata(cfg.DATASETS.TEST)
     return predictor
