@@ -53,7 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="LazyConfig to train (default: the toy config)")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's train.max_iter)")
     p.add_argument("--output-dir", default=os.path.join("output", "main_job"))
-    p.add_argument("--confidence-threshold", type=float, default=0.5, help="for the visualisation only")
+    p.add_argument(
+        "--confidence-threshold", type=float, default=0.3,
+        help="score threshold for the drawn detections only (a few minutes of CPU training gives modest scores)",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra key=value config overrides")
     args = p.parse_args(argv)
     if args.iters is not None and args.iters < 1:
