@@ -27,7 +27,7 @@ Peak memory is the extra memory one step needs beyond what is already resident (
 training the optimizer state): on CUDA ``torch.cuda.max_memory_allocated`` above the allocated bytes before
 the step; on CPU the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
 above its resident set before the step. With ``--act-checkpoint`` on CPU every variant is also measured
-alone in a fresh process (peak ``ru_maxrss`` over two training steps), so their peaks cannot mix.
+alone in a fresh process (peak VmHWM over two training steps), so their peaks cannot mix.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -790,9 +789,10 @@ def fresh_process_peak_rss(s: Settings, name: str) -> Optional[float]:
 def memory_probe(s: Settings, name: str) -> dict[str, Any]:
     """Child side of ``fresh_process_peak_rss``: build only contender ``name`` and run 2 training steps.
 
-    The peak is ``ru_maxrss`` above the resident set before the steps. Where /proc/self/clear_refs is
-    writable the peak is first reset, so that building the models (ours is built too, for the weights)
-    cannot be what the peak records.
+    The peak is VmHWM above the resident set before the steps, after resetting VmHWM through
+    /proc/self/clear_refs, so that building the models (ours is built too, for the weights) cannot be what the
+    peak records. ``ru_maxrss`` is no substitute: the kernel seeds it at exec with the *parent's* high-water
+    mark, so under a large parent process every probe would report the parent's peak.
     """
     wl = WORKLOADS[s.task](s)
     contenders, skipped = build_contenders(wl, only=name)
@@ -802,13 +802,14 @@ def memory_probe(s: Settings, name: str) -> dict[str, Any]:
     del contenders
     step = wl.make_step(model)
     _release_free_heap()
-    _reset_peak_rss()
+    if not _reset_peak_rss():
+        raise SystemExit("memory probe: /proc/self/clear_refs is not writable, so the peak cannot be isolated")
     base = _proc_status_bytes("VmRSS:")
-    if base is None:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(2):  # the second step also holds the AdamW state created by the first
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _proc_status_bytes("VmHWM:")
+    if base is None or peak is None:
+        raise SystemExit("memory probe: /proc/self/status has no VmRSS/VmHWM")
     return {"name": name, "peak_rss_mb": (peak - base) / 2**20}
 
 
