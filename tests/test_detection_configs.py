@@ -208,6 +208,29 @@ def test_yacs_recipe_equals_lazyconfig(name):
     assert test_augs == [("ResizeShortestEdge", (800, 800), 1333, "fixed")]
 
 
+def test_toy_yacs_twin_equals_toy_lazyconfig():
+    """The toy recipe is tuned in the .py file; its yacs twin must follow every tuned value."""
+    lazy, cfg = load("toy/mvitv2_t_maskrcnn_toy"), load_yacs("mvitv2_t_maskrcnn_toy")
+    roi, rpn = lazy.model.roi_heads, lazy.model.proposal_generator
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == roi.num_classes == 3
+    assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == roi.batch_size_per_image
+    assert cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION == roi.positive_fraction
+    assert cfg.TEST.DETECTIONS_PER_IMAGE == roi.box_predictor.test_topk_per_image
+    assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, cfg.MODEL.RPN.PRE_NMS_TOPK_TEST) == tuple(rpn.pre_nms_topk)
+    assert (cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == tuple(rpn.post_nms_topk)
+    assert cfg.MODEL.MVIT.DROP_PATH_RATE == lazy.model.backbone.bottom_up.drop_path_rate
+    assert cfg.MODEL.WEIGHTS == lazy.train.init_checkpoint == ""
+    assert cfg.SOLVER.IMS_PER_BATCH == lazy.dataloader.train.total_batch_size
+    assert cfg.SOLVER.BASE_LR == lazy.optimizer.lr
+    assert cfg.SOLVER.MAX_ITER == lazy.train.max_iter
+    assert list(cfg.SOLVER.STEPS) == list(lazy.lr_multiplier.scheduler.milestones)
+    assert cfg.SOLVER.WARMUP_ITERS == pytest.approx(lazy.lr_multiplier.warmup_length * lazy.train.max_iter)
+    assert cfg.SOLVER.CHECKPOINT_PERIOD == lazy.train.checkpointer.period
+    for is_train, mapper in ((True, lazy.dataloader.train.mapper), (False, lazy.dataloader.test.mapper)):
+        yacs_augs = [describe(a) for a in build_augmentation(cfg, is_train=is_train)]
+        assert yacs_augs == [describe(a) for a in instantiate(mapper.augmentations)]
+
+
 def test_build_augmentation_default_is_detectron2s():
     cfg = get_cfg()
     add_mvitv2_config(cfg)

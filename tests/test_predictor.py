@@ -69,7 +69,7 @@ def test_lazy_predictor_matches_default_predictor(weights, image_bgr):
     b = default(image_bgr)["instances"]
     _check_instances(a)
     _check_instances(b)
-    # Same weights, same test resize (short side 192) and RGB conversion: same detections.
+    # Same weights, same test resize (short side 144) and RGB conversion: same detections.
     assert len(a) == len(b)
     torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)

@@ -251,7 +251,7 @@ def test_detection_predictor_extreme_aspect_ratio(predictor, detection_weights):
                            device="cpu")  # fmt: skip
     for p in (predictor, yacs):
         with pytest.raises(ValueError, match=r"^Cannot run the detector on an image of 1x10000 pixels: with the test "
-                                             r"resize \(short side 192, long side at most 320\) its shorter side would be "
+                                             r"resize \(short side 144, long side at most 320\) its shorter side would be "
                                              r"resized to 0 pixels\. Crop it, or cut it into tiles, to an aspect ratio of "
                                              r"at most 640:1\.$"):  # fmt: skip
             p(np.zeros((1, 10000, 3), np.uint8))
