@@ -329,6 +329,21 @@ def window_unpartition(x: Tensor, window: int, padded_hw: tuple[int, int], hw: t
     return x.reshape(b, hp, wp, -1)[:, : hw[0], : hw[1]]
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(c) + bias) v for (B, heads, Nq | Nk, c) inputs and a (B, heads, Nq, Nk) bias.
+
+    ``F.scaled_dot_product_attention`` everywhere except CPU autograd: PyTorch's fused CPU kernel cannot
+    return the gradient of ``attn_mask`` (the rel-pos bias is learned), so SDPA falls back to its math path,
+    whose NaN-safe softmax adds three extra passes over the attention matrix. Plain ops are faster there.
+    """
+    if q.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        attn = torch.baddbmm(
+            bias.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=q.shape[-1] ** -0.5
+        ).softmax(dim=-1)
+        return torch.bmm(attn, v.flatten(0, 1)).view(*q.shape[:-1], v.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 class PoolingAttention(nn.Module):
     """Multi-head pooling attention with decomposed relative position and residual pooling.
 
@@ -415,8 +430,7 @@ class PoolingAttention(nn.Module):
         bias = rel_pos_bias(q[:, t:], q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
         if t:  # no positional bias to or from the class token
             bias = F.pad(bias, (1, 0, 1, 0))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
-        return out.transpose(1, 2)
+        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
 
     def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
         """(B, N, heads, c) each -> (B, Nq, heads, c), attending within windows."""
@@ -427,9 +441,7 @@ class PoolingAttention(nn.Module):
         v_win, _ = window_partition(v.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
         q_win, k_win, v_win = (t.view(t.shape[0], t.shape[1], h, c) for t in (q_win, k_win, v_win))
         bias = rel_pos_bias(q_win, (qw, qw), (kvw, kvw), self.rel_pos_h, self.rel_pos_w)
-        out = F.scaled_dot_product_attention(
-            q_win.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2), attn_mask=bias
-        )
+        out = attention(q_win.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2), bias)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, h * c)
         out = window_unpartition(out, qw, q_pad_hw, q_hw)
         return out.reshape(b, q_hw[0] * q_hw[1], h, c)

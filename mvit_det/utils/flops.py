@@ -1,7 +1,7 @@
 """FLOP counting with fvcore, made to count fused attention like the explicit matmuls it replaces.
 
-fvcore has no handle for ``aten::scaled_dot_product_attention`` and would silently drop the q @ k^T and
-attn @ v products. Published MViTv2 numbers (official README, mmpretrain, timm) count those matmuls, and
+fvcore has no handle for ``aten::scaled_dot_product_attention`` (inference) or ``aten::baddbmm`` (the q @ k^T
++ bias of the CPU autograd path) and would silently drop those attention products. Published MViTv2 numbers (official README, mmpretrain, timm) count those matmuls, and
 like them we count one multiply-accumulate as one FLOP.
 """
 from __future__ import annotations
@@ -23,8 +23,15 @@ def _sdpa_flop(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * n_q * n_k * (c + c_v)
 
 
+def _baddbmm_flop(inputs: list[Any], outputs: list[Any]) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    (batch, n, k), m = get_shape(inputs[1]), get_shape(inputs[2])[-1]
+    return batch * n * k * m
+
+
 def flop_count(model: nn.Module, inputs: torch.Tensor | tuple) -> "fvcore.nn.FlopCountAnalysis":  # noqa: F821
-    """An fvcore ``FlopCountAnalysis`` that also counts ``scaled_dot_product_attention``.
+    """An fvcore ``FlopCountAnalysis`` that also counts ``scaled_dot_product_attention`` and ``baddbmm``.
 
     ``.total()`` is in multiply-accumulates, the unit of every published MViTv2 "FLOPs" figure.
     """
@@ -32,6 +39,7 @@ def flop_count(model: nn.Module, inputs: torch.Tensor | tuple) -> "fvcore.nn.Flo
 
     analysis = FlopCountAnalysis(model, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
+    analysis.set_op_handle("aten::baddbmm", _baddbmm_flop)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     return analysis
