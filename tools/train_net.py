@@ -93,6 +93,16 @@ def setup(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace):
+    results = run(args)
+    if comm.get_world_size() > 1:
+        # Leave together: a rank that exits while another is still finishing its last collective closes the
+        # gloo connection under it, and that rank then aborts (SIGABRT) although the job succeeded.
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def run(args: argparse.Namespace):
     cfg = setup(args)
     logger = logging.getLogger("mvit_det.train_net")
     if args.eval_only:
