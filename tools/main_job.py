@@ -11,8 +11,8 @@ Steps:
    can be downloaded here, so every weight, the backbone's included, is randomly initialised;
 3. evaluate box and mask AP on the toy val set before training;
 4. train for ``--iters`` iterations (checkpoints, metrics.json and TensorBoard events go to the output dir);
-5. evaluate again, run ``LazyPredictor`` with the saved ``model_final.pth`` on a val image and write the
-   visualisation PNG;
+5. evaluate again, run ``LazyPredictor`` with the saved ``model_final.pth`` on the first ``--num-vis`` val
+   images and write each as a PNG: ground truth on the left, detections on the right;
 6. print a summary and write ``summary.json``. The exit code is 1 if training did not raise box AP.
 """
 from __future__ import annotations
@@ -57,11 +57,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--confidence-threshold", type=float, default=0.3,
         help="score threshold for the drawn detections only (a few minutes of CPU training gives modest scores)",
     )
+    p.add_argument("--num-vis", type=int, default=4, help="val images to draw (ground truth | prediction)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="extra key=value config overrides")
     args = p.parse_args(argv)
     if args.iters is not None and args.iters < 1:
         p.error("--iters must be >= 1.")
+    if args.num_vis < 0:
+        p.error("--num-vis must be >= 0.")
     return args
+
+
+def _visualise(predictor: LazyPredictor, record: dict, out_dir: str, threshold: float) -> tuple[str, int]:
+    """Write the ground truth (left) and the detections with score >= threshold (right) of one image as a PNG."""
+    rgb = np.asarray(load_image(record["file_name"]))
+    instances = predictor(rgb[:, :, ::-1].copy())["instances"].to("cpu")
+    shown = instances[instances.scores >= threshold]
+    panels = [
+        Visualizer(rgb, predictor.metadata, scale=2.0).draw_dataset_dict(record).get_image(),
+        Visualizer(rgb, predictor.metadata, scale=2.0, instance_mode=ColorMode.IMAGE)
+        .draw_instance_predictions(shown)
+        .get_image(),
+    ]
+    gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+    png = os.path.join(out_dir, f"prediction_{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
+    cv2.imwrite(png, np.concatenate([panels[0], gap, panels[1]], axis=1)[:, :, ::-1])
+    return png, len(shown)
 
 
 def _ap(results: dict, dataset: str, task: str, key: str = "AP") -> float:
@@ -97,13 +117,11 @@ def main(argv=None) -> int:
     # Predict with the saved checkpoint, as a user would.
     final = os.path.join(s.output_dir, "model_final.pth")
     predictor = LazyPredictor(cfg, weights=final, device=s.device)
-    record = DatasetCatalog.get(val)[0]
-    rgb = np.asarray(load_image(record["file_name"]))
-    instances = predictor(rgb[:, :, ::-1].copy())["instances"].to("cpu")
-    shown = instances[instances.scores >= args.confidence_threshold]
-    vis = Visualizer(rgb, predictor.metadata, scale=2.0, instance_mode=ColorMode.IMAGE).draw_instance_predictions(shown)
-    png = os.path.join(s.output_dir, f"prediction_{os.path.splitext(os.path.basename(record['file_name']))[0]}.png")
-    cv2.imwrite(png, vis.get_image()[:, :, ::-1])
+    pngs, n_shown = [], 0
+    for record in DatasetCatalog.get(val)[: args.num_vis]:
+        png, shown = _visualise(predictor, record, s.output_dir, args.confidence_threshold)
+        pngs.append(png)
+        n_shown += shown
 
     summary = {
         "config": args.config,
@@ -120,9 +138,9 @@ def main(argv=None) -> int:
         "eval_before_s": round(t_eval_before, 1),
         "train_and_eval_s": round(t_train, 1),
         "total_s": round(time.perf_counter() - t_start, 1),
-        "detections_shown": len(shown),
+        "detections_shown": n_shown,
         "files": {
-            "visualisation": png,
+            "visualisations": pngs,
             "checkpoint": final,
             "metrics": os.path.join(s.output_dir, "metrics.json"),
             "log": os.path.join(s.output_dir, "log.txt"),
@@ -138,7 +156,8 @@ def main(argv=None) -> int:
     print(f"box  AP      : {summary['box_AP_before']:6.2f} (untrained) -> {summary['box_AP_after']:6.2f} (trained), AP50 {summary['box_AP50_after']:.2f}")
     print(f"mask AP      : {summary['mask_AP_before']:6.2f} (untrained) -> {summary['mask_AP_after']:6.2f} (trained), AP50 {summary['mask_AP50_after']:.2f}")
     print(f"wall time    : {summary['total_s']:.0f} s (eval before {summary['eval_before_s']:.0f} s, train + eval {summary['train_and_eval_s']:.0f} s)")
-    print(f"visualisation: {png} ({len(shown)} detections with score >= {args.confidence_threshold})")
+    print(f"visualisation: {len(pngs)} val images, ground truth | prediction, in {s.output_dir}/prediction_*.png "
+          f"({n_shown} detections with score >= {args.confidence_threshold})")  # fmt: skip
     print(f"checkpoint   : {final}")
     print(f"metrics      : {summary['files']['metrics']} (TensorBoard: tensorboard --logdir {s.output_dir})")
     print(f"summary      : {os.path.join(s.output_dir, 'summary.json')}")
