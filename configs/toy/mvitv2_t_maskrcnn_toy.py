@@ -8,7 +8,7 @@ recipe, and only the newest periodic checkpoint kept on disk (each one is about 
 
 Tuned on the CPU with ``tools/main_job.py`` (box AP after training, same seed): LR 2e-4 gives 4.8 at 300 iterations
 (6e-4: 0.7, 1e-3: 0.3); half-positive RoI sampling with 32 RoIs per image 4.5; that plus 400 iterations on the
-smaller inputs below 6.6, 4.1, 6.9, 11.2 and 12.2 in five runs (CPU training is not bit-reproducible across thread timings),
+smaller inputs below 4.1 to 12.2 over six runs (CPU training is not bit-reproducible across thread timings),
 in about the same time as 300 iterations on the larger ones. The untrained model scores 0.01.
 """
 import detectron2.data.transforms as T
