@@ -34,6 +34,38 @@ def _assert_grads_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tens
         torch.testing.assert_close(g / scale, ref[name] / scale, rtol=0, atol=tol, msg=name)
 
 
+def _assert_same_loss_and_grads(ours, ref, x, loss_fn, dtype, rename=lambda grads: grads) -> None:
+    """Backpropagate ``loss_fn(model(x))`` through both models in ``dtype``; compare losses and gradients.
+
+    ``rename`` maps our parameter names to the reference's (identity when the keys already agree).
+    """
+    losses = []
+    for model in (ours.to(dtype), ref.to(dtype)):
+        loss = loss_fn(model(x.to(dtype)))
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=TOLERANCE[dtype], atol=0)
+    _assert_grads_close(
+        rename({n: p.grad for n, p in ours.named_parameters()}),
+        {n: p.grad for n, p in ref.named_parameters()},
+        TOLERANCE[dtype],
+    )
+
+
+def _projection_loss(seed: int):
+    """Sum of every output times a fixed random tensor of its shape (drawn at the first call): every element
+    of every output reaches the loss."""
+    weights: dict[str, torch.Tensor] = {}
+
+    def loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not weights:
+            g = torch.Generator().manual_seed(seed)
+            weights.update({k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in out.items()})
+        return sum((out[k] * weights[k]).sum() for k in weights)
+
+    return loss
+
+
 def test_attention_autograd_path_matches_sdpa():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (10, 7, 7))
@@ -57,42 +89,17 @@ def test_detection_trunk_gradients_match_detectron2(dtype):
     """160x224 input: window attention in stages 1-3 (with padding), global attention in stage 4."""
     torch.manual_seed(1)
     ours = randomize_(MViTv2Backbone("tiny", drop_path_rate=0.0)).train()
-    ref = detectron2_mvit(ours)
-    ours, ref = ours.to(dtype), ref.to(dtype)
-    x = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(1)).to(dtype)
-    weights = None
-    losses = []
-    for model in (ours, ref):
-        out = model(x)
-        if weights is None:  # a fixed random projection of every output, so that every element matters
-            g = torch.Generator().manual_seed(2)
-            weights = {k: torch.randn(v.shape, generator=g).to(dtype) for k, v in out.items()}
-        loss = sum((out[k] * weights[k]).sum() for k in weights)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=TOLERANCE[dtype], atol=0)
-    _assert_grads_close(
-        {n: p.grad for n, p in ours.named_parameters()},
-        {n: p.grad for n, p in ref.named_parameters()},
-        TOLERANCE[dtype],
-    )
+    x = torch.randn(2, 3, 160, 224, generator=torch.Generator().manual_seed(1))
+    _assert_same_loss_and_grads(ours, detectron2_mvit(ours), x, _projection_loss(seed=2), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_classifier_gradients_match_timm(dtype):
     torch.manual_seed(1)
     ours = randomize_(MViTv2("tiny", num_classes=10)).train()
-    ref = timm_classifier(ours)
-    ours, ref = ours.to(dtype), ref.to(dtype)
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     target = torch.tensor([1, 7])
-    losses = []
-    for model in (ours, ref):
-        loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=TOLERANCE[dtype], atol=0)
-    ours_grads = to_timm_state_dict(
-        {n: p.grad for n, p in ours.named_parameters()}, ours.arch.depths, expand_attn=True
-    )
-    _assert_grads_close(ours_grads, {n: p.grad for n, p in ref.named_parameters()}, TOLERANCE[dtype])
+    _assert_same_loss_and_grads(
+        ours, timm_classifier(ours), x, lambda logits: torch.nn.functional.cross_entropy(logits, target), dtype,
+        rename=lambda grads: to_timm_state_dict(grads, ours.arch.depths, expand_attn=True),
+    )  # fmt: skip

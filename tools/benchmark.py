@@ -52,6 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mvit_det.utils.cli import parse_img_size
+from mvit_det.utils.references import max_rel_diff
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
@@ -154,25 +157,6 @@ def load_warning(threads: Optional[int]) -> Optional[str]:
             "cores this run uses are idle, so absolute timings are inflated (ratios are less affected)"
         )
     return None
-
-
-def max_rel_diff(outputs: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
-    """max over tensors of ``max|out - ref| / max|ref|`` (each tensor scaled by its own largest value).
-
-    ``inf`` when the outputs differ in number or shape (e.g. a different count of detections).
-    """
-    if len(outputs) != len(reference):
-        return math.inf
-    worst = 0.0
-    for a, b in zip(outputs, reference):
-        if a.shape != b.shape:
-            return math.inf
-        if b.numel() == 0:
-            continue
-        a, b = a.detach().double(), b.detach().double()
-        scale = b.abs().max().clamp_min(1e-12)
-        worst = max(worst, float((a - b).abs().max() / scale))
-    return worst
 
 
 def _cpu_model() -> str:
@@ -958,20 +942,6 @@ def run_report(settings: Sequence[Settings], mode: str = "single") -> dict[str, 
 # =============================================================================================
 # Command line
 # =============================================================================================
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 32:
-        raise argparse.ArgumentTypeError(
-            f"--img-size must be SIDE or HxW with sides >= 32 (e.g. 224 or 800x1088), got {text!r}"
-        )
-    return parts[0], parts[1]
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -994,7 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="cls")
     p.add_argument("--arch", choices=list(ARCH_NAMES), default="T", help="model size (cls: T/S/B/L)")
     p.add_argument("--batch-size", type=_positive, help="images per step (default: cls 8, det-train 2, else 1)")
-    p.add_argument("--img-size", type=_parse_size,
+    p.add_argument("--img-size", type=parse_img_size,
                    help="SIDE or HxW (default: cls 224, det-backbone/det-train 1024, det-model 800x1088)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast precision (weights stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (det tasks: the trunk)")
@@ -1011,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", action="store_true",
                    help="cls and det-backbone at every --scaling-sizes (batch --batch-size, default 1): "
                         "the README table")
-    p.add_argument("--scaling-sizes", type=lambda t: [_parse_size(x)[0] for x in t.split(",")],
+    p.add_argument("--scaling-sizes", type=lambda t: [parse_img_size(x)[0] for x in t.split(",")],
                    default=list(SCALING_SIZES), help="comma-separated square sizes for --scaling")
     p.add_argument("--out-json", type=Path, help="write the full report (every step time) as JSON")
     p.add_argument("--out-md", type=Path, help="also write the Markdown tables to this file")

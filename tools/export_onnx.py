@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from mvit_det import get_model, list_models
-from mvit_det.checkpoint import load_checkpoint
+from mvit_det.checkpoint import DownloadError, load_checkpoint
+from mvit_det.utils.cli import parse_img_size
+from mvit_det.utils.references import max_rel_diff
 
 TOLERANCE = 1e-4
 
@@ -46,18 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="classifier to export (see mvit_det.list_models())")  # fmt: skip
     what.add_argument("--backbone", metavar="SIZE", help="export the detection trunk of this size (tiny/small/...)")
     p.add_argument("--weights", help="checkpoint file or URL (any supported format)")
-    p.add_argument("--img-size", default="224", help="SIDE or HxW the graph is traced at (default 224)")
+    p.add_argument("--img-size", dest="hw", type=parse_img_size, default=(224, 224),
+                   help="SIDE or HxW the graph is traced at (default 224)")  # fmt: skip
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--output", required=True, type=Path, help="the .onnx file to write")
-    args = p.parse_args(argv)
-    try:
-        hw = [int(v) for v in args.img_size.lower().split("x")]
-    except ValueError:
-        p.error(f"--img-size must be SIDE or HxW, got {args.img_size!r}")
-    args.hw = (hw[0], hw[0]) if len(hw) == 1 else tuple(hw)
-    if len(args.hw) != 2 or min(args.hw) < 32:
-        p.error(f"--img-size must be SIDE or HxW with sides >= 32 (the network's stride), got {args.img_size!r}")
-    return args
+    return p.parse_args(argv)
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, list[str]]:
@@ -101,17 +96,14 @@ def check_with_onnxruntime(model: nn.Module, path: Path, hw: tuple[int, int], ba
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outs = session.run(None, {"images": x.numpy()})
     names = [o.name for o in session.get_outputs()]
-    return {
-        n: float((torch.from_numpy(o) - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12))
-        for n, o in zip(names, outs)
-    }
+    return {n: max_rel_diff([torch.from_numpy(o)], [ref[n]]) for n, o in zip(names, outs)}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, output_names = build(args)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:  # unreadable or mismatched weights; offline download
+    except (OSError, DownloadError, ValueError, KeyError) as e:  # unreadable or mismatched weights; offline
         print(f"export_onnx: {e}", file=sys.stderr)
         return 2
     try:

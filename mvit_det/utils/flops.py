@@ -1,8 +1,9 @@
 """FLOP counting with fvcore, made to count fused attention like the explicit matmuls it replaces.
 
-fvcore has no handle for ``aten::scaled_dot_product_attention`` (inference) or ``aten::baddbmm`` (the q @ k^T
-+ bias of the CPU autograd path) and would silently drop those attention products. Published MViTv2 numbers (official README, mmpretrain, timm) count those matmuls, and
-like them we count one multiply-accumulate as one FLOP.
+fvcore has no handle for ``aten::scaled_dot_product_attention`` (inference) or ``aten::baddbmm`` (the
+q @ k^T + bias of the CPU autograd path) and would silently drop those attention products. Published MViTv2
+numbers (official README, mmpretrain, timm) count those matmuls, and like them we count one multiply-accumulate
+as one FLOP.
 """
 from __future__ import annotations
 
