@@ -17,6 +17,7 @@ import torch
 
 from mvit_det import get_model
 from mvit_det.checkpoint import DownloadError, download, save_checkpoint
+from mvit_det.checkpoint.io import cache_path
 from mvit_det.models import MODEL_CARDS, MViTv2
 
 
@@ -67,7 +68,10 @@ def test_download_verifies_caches_and_reuses(published, ckpt_hub_dir):
         first = get_model("mvitv2-tiny_3rdparty_in1k", pretrained=f"{server.url}/{name}")
     finally:
         server.stop()
-    assert [p.name for p in ckpt_hub_dir.iterdir()] == [name]  # the file, and no partial download
+    # Keyed by the whole URL (not a published model's URL): one folder for it, the file, and no partial download.
+    assert [p.relative_to(ckpt_hub_dir).as_posix() for p in ckpt_hub_dir.rglob("*")] == [
+        cache_path(f"{server.url}/{name}").parent.name, cache_path(f"{server.url}/{name}").relative_to(ckpt_hub_dir).as_posix()
+    ]
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = model(x)
@@ -109,7 +113,7 @@ def test_no_network_fails_fast_with_the_offline_workaround(ckpt_hub_dir):
     msg = str(err.value)
     assert msg.startswith(f"Could not download {url}: ")
     assert "pretrained='/path/to/mvitv2-tiny_3rdparty_in1k_20220722-db7beeef.pth'" in msg
-    assert str(ckpt_hub_dir / "mvitv2-tiny_3rdparty_in1k_20220722-db7beeef.pth") in msg
+    assert str(cache_path(url)) in msg and cache_path(url).parent.parent == ckpt_hub_dir
     assert list(ckpt_hub_dir.iterdir()) == []
 
 

@@ -19,13 +19,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .formats import CheckpointInfo, ConvertedCheckpoint, convert, describe_state_dict
 from .io import download, is_url, load_file
 
-__all__ = ["LoadReport", "load_checkpoint", "read_checkpoint"]
+__all__ = ["LoadReport", "load_checkpoint", "read_checkpoint", "refuse_integer_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,37 @@ def _diagnose(ck: CheckpointInfo, m: CheckpointInfo, detection: bool) -> list[st
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+def _non_float_dtype(value: Any) -> Union[str, None]:
+    """The dtype of a tensor or numpy array that is not floating point, else None."""
+    if isinstance(value, Tensor):
+        return None if value.is_floating_point() else str(value.dtype).replace("torch.", "")
+    if isinstance(value, np.ndarray):
+        return None if value.dtype.kind == "f" else str(value.dtype)
+    return None
+
+
+def refuse_integer_weights(ckpt: Mapping[str, Any], model_sd: Mapping[str, Tensor], label: str) -> None:
+    """Raise ``ValueError`` when the checkpoint stores a floating-point weight of the model as integers (int8, ...).
+
+    ``load_state_dict`` would cast them to float without a word, and the model would compute with values that
+    are off by the quantization scale.
+    """
+    bad = [
+        (k, dtype)
+        for k, v in ckpt.items()
+        if k in model_sd and model_sd[k].is_floating_point() and (dtype := _non_float_dtype(v)) is not None
+    ]
+    if bad:
+        shown = _cap([f"{k} ({dtype})" for k, dtype in bad])
+        raise ValueError(
+            f"Checkpoint {label} stores {len(bad)} floating-point weights of the model as integers: {shown}. "
+            "Loading them would cast the integers to float silently and the model would compute with wrong values: "
+            "integer weights are quantized (they need their scale and zero point, which a state dict of plain "
+            "tensors does not carry) or the file is damaged. Use the float checkpoint, or dequantize the weights "
+            "(tensor.dequantize(), or the integer values times their scale) and save float tensors."
+        )
+
+
 def _resize_rel_pos(table: Tensor, length: int) -> Tensor:
     """(L, c) -> (length, c) by linear interpolation, as ``mvitv2.rel_pos_lookup`` does at run time."""
     out = F.interpolate(table.float().T.unsqueeze(0), size=length, mode="linear").squeeze(0).T
@@ -220,6 +252,7 @@ def load_checkpoint(
     detection = bool(getattr(model, "detection", False))
     ck_info, m_info = describe_state_dict(ckpt), describe_state_dict(model_sd)
     report = LoadReport(source=label, format=conv.format, ignored=list(conv.ignored), notes=list(conv.notes))
+    refuse_integer_weights(ckpt, model_sd, label)
 
     is_trunk_ckpt = ck_info.detection or conv.format == "detectron2"
     if strict and not detection and is_trunk_ckpt and not ck_info.has_final_norm:

@@ -19,7 +19,16 @@ What it changes, and why:
   (training initialisation) these are logged by detectron2 as warnings, as usual, since fine-tuning a COCO
   detector with a new number of classes is a normal recipe.
 * Unreadable files (missing, empty, truncated, an HTML page, pickled objects) fail with
-  :func:`mvit_det.checkpoint.load_file`'s messages instead of a zip or unpickling traceback.
+  :func:`mvit_det.checkpoint.load_file`'s messages instead of a zip or unpickling traceback. Every file is read
+  once, by ``load_file``, without running pickled code (``weights_only=True``; ``.pkl`` through a numpy-only
+  unpickler), whatever its suffix: a detectron2 ``.pkl`` renamed to ``.pth`` loads.
+* Every checkpoint the project or detectron2 writes loads back: the keys of a model wrapped in
+  ``DistributedDataParallel`` (``module.``) or compiled with ``torch.compile`` (``_orig_mod.``) are unwrapped, and a
+  checkpoint of this very model (for example ``backbone.blocks.*`` from the yacs ``build_mvitv2_backbone``) is
+  recognised as such before any ImageNet layout is guessed.
+* Integer (int8, ...) tensors for floating-point weights are refused with the reason.
+* A URL (``detectron2://``, ``https://``) that cannot be downloaded raises ``DownloadError`` with the "download it
+  yourself and pass the file" advice.
 
 Detector checkpoints (detectron2 model-zoo ``.pkl``, ``model_final.pth``, training checkpoints with optimizer
 state) are otherwise loaded exactly as ``DetectionCheckpointer`` loads them, so ``--resume`` is unchanged.
@@ -28,15 +37,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoint import detect_format, load_checkpoint, load_file
+from ..checkpoint import DownloadError, detect_format, load_checkpoint, load_file
+from ..checkpoint.io import offline_hint
+from ..checkpoint.loading import refuse_integer_weights
 from ..models import MViTv2
 
-__all__ = ["MViTv2Checkpointer"]
+__all__ = ["MViTv2Checkpointer", "unwrap_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +57,26 @@ _CLASSIFIER_FORMATS = ("official", "mmpretrain", "timm", "mvit-det")
 _SHOW = 10
 
 
+#: Key prefixes of wrapped models: DistributedDataParallel and torch.compile (anywhere in the name for the latter).
+_WRAPPER_RE = re.compile(r"(?:^|(?<=\.))_orig_mod\.")
+
+
 def _cap(items: list[str]) -> str:
     return ", ".join(items[:_SHOW]) + (f", ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def unwrap_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Remove the ``module.`` prefix of DistributedDataParallel (when every key has it) and every ``_orig_mod.``
+    of ``torch.compile``; return the new dict and the prefixes removed."""
+    removed = []
+    sd = dict(state_dict)
+    if any(isinstance(k, str) and _WRAPPER_RE.search(k) for k in sd):
+        sd = {(_WRAPPER_RE.sub("", k) if isinstance(k, str) else k): v for k, v in sd.items()}
+        removed.append("_orig_mod. (torch.compile)")
+    while sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+        removed.append("module. (DistributedDataParallel)")
+    return sd, removed
 
 
 class MViTv2Checkpointer(DetectionCheckpointer):
@@ -75,7 +106,7 @@ class MViTv2Checkpointer(DetectionCheckpointer):
             return super().load(path, *args, **kwargs)
         local = path
         if "://" in path and not path.startswith("file://"):
-            local = self.path_manager.get_local_path(path.split("?", 1)[0])  # downloads URLs once
+            local = self._download(path)
         if not os.path.exists(local):
             raise FileNotFoundError(
                 f"Checkpoint {path} not found. Check the path (relative paths are relative to {os.getcwd()})."
@@ -86,6 +117,26 @@ class MViTv2Checkpointer(DetectionCheckpointer):
         finally:
             self._path = None
 
+    def _download(self, path: str) -> str:
+        """The local copy of a URL (detectron2's path manager downloads it once); offline: the manual fix."""
+        url = path.split("?", 1)[0]
+        try:
+            return self.path_manager.get_local_path(url)
+        except Exception as e:  # URLError, HTTPError, timeouts, iopath's own errors: all mean "not downloaded"
+            resolved = url
+            if url.startswith("detectron2://"):
+                from detectron2.utils.file_io import Detectron2Handler
+
+                resolved = Detectron2Handler.S3_DETECTRON2_PREFIX + url[len(Detectron2Handler.PREFIX):]
+            reason = getattr(e, "reason", None) or e
+            raise DownloadError(
+                f"Could not download checkpoint {path}"
+                + (f" ({resolved})" if resolved != url else "")
+                + f": {reason}. "
+                + offline_hint(resolved, setting="train.init_checkpoint=/path/to/{name} (LazyConfig) or MODEL.WEIGHTS "
+                "/path/to/{name} (yacs), or --weights /path/to/{name}")
+            ) from None
+
     def _trunk(self) -> tuple[str, Optional[MViTv2]]:
         """(prefix of its parameters, module) of the model's MViTv2 backbone, or ("", None) if it has none."""
         found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, MViTv2)]
@@ -95,18 +146,66 @@ class MViTv2Checkpointer(DetectionCheckpointer):
         return (name + "." if name else ""), module
 
     def _load_file(self, filename: str) -> dict:
-        raw = load_file(filename)  # clear errors for missing / empty / truncated / non-checkpoint files
-        try:
-            fmt = detect_format(raw)
-        except ValueError:
-            fmt = None  # not an MViTv2 layout we know: leave it to detectron2
+        # Read once, safely (no pickled code), with clear errors for missing / empty / truncated / non-checkpoint
+        # files; detectron2's own reading (torch.load, or pickle.load for .pkl) is never used.
+        raw = self._unwrapped(load_file(filename), filename)
         prefix, trunk = self._trunk()
+        native = self._is_native(raw, prefix)
+        fmt = None
+        if not native:
+            try:
+                fmt = detect_format(raw)
+            except ValueError:
+                fmt = None  # not an MViTv2 layout we know: leave it to detectron2
         if fmt in _CLASSIFIER_FORMATS and trunk is not None:
             return self._from_imagenet(raw, filename, prefix, trunk)
-        loaded = super()._load_file(filename)
-        if fmt == "detectron2" and trunk is not None:
+        loaded = self._as_detectron2(raw, filename)
+        if isinstance(loaded.get("model"), Mapping):
+            refuse_integer_weights(loaded["model"], self.model.state_dict(), filename)
+        if (native or fmt == "detectron2") and trunk is not None:
             self._check_trunk(loaded["model"], filename, prefix, trunk)
         return loaded
+
+    def _unwrapped(self, raw: Any, filename: str) -> Any:
+        """``raw`` with the DDP / torch.compile prefixes of its weights removed (logged)."""
+        if not isinstance(raw, Mapping):
+            return raw
+        key = "model" if isinstance(raw.get("model"), Mapping) else None
+        sd, removed = unwrap_keys(raw[key] if key else raw)
+        if not removed:
+            return raw
+        self.logger.info("Removed the wrapper prefix(es) %s from the weight names of %s.", ", ".join(removed), filename)
+        return {**raw, key: sd} if key else sd
+
+    def _is_native(self, raw: Any, prefix: str) -> bool:
+        """A checkpoint of this model's own layout (its trunk weights under the trunk's name), e.g. one written by
+        training with the yacs ``build_mvitv2_backbone`` (``backbone.blocks.*``, which mmpretrain also uses)."""
+        if not prefix or not isinstance(raw, Mapping):
+            return False
+        sd = raw["model"] if isinstance(raw.get("model"), Mapping) else raw
+        return f"{prefix}patch_embed.proj.weight" in sd
+
+    def _as_detectron2(self, raw: Any, filename: str) -> dict:
+        """What ``DetectionCheckpointer._load_file`` returns for this file, built from the already loaded ``raw``."""
+        if isinstance(raw, Mapping) and "model" in raw and "__author__" in raw:  # detectron2 model zoo (any suffix)
+            self.logger.info("Reading a file from '%s'", raw["__author__"])
+            return dict(raw)
+        if filename.endswith(".pkl") and isinstance(raw, Mapping):  # Caffe2 / Detectron1 model zoo, as detectron2
+            data = raw.get("blobs", raw)
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".pyth") and isinstance(raw, Mapping) and "model_state" in raw:  # pycls
+            state = {k: v for k, v in raw["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        self._raw = raw  # detectron2's generic path (query options, "model" wrapping) reads it via _torch_load
+        try:
+            return super()._load_file(filename)
+        finally:
+            self._raw = None
+
+    def _torch_load(self, f: str) -> Any:
+        raw = getattr(self, "_raw", None)
+        return raw if raw is not None else load_file(f)
 
     def _from_imagenet(self, raw: Any, filename: str, prefix: str, trunk: MViTv2) -> dict:
         """Convert an ImageNet checkpoint, check it strictly against the trunk, and hand the trunk weights under

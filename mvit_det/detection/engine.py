@@ -452,7 +452,8 @@ def check_num_classes(model: nn.Module, dataset_name: str) -> None:
 
 # -- checkpointing -------------------------------------------------------------------------------------------
 class AtomicCheckpointer(MViTv2Checkpointer):
-    """``MViTv2Checkpointer`` whose files are always complete: write to ``<file>.tmp<pid>``, then ``os.replace``.
+    """``MViTv2Checkpointer`` whose files are always complete: write to ``<file>.tmp<pid>.<random>``, then
+    ``os.replace`` (:mod:`mvit_det.utils.atomic`).
 
     Pass ``require_all=True`` when the loaded weights are used as they are (``--eval-only``).
     """
@@ -476,17 +477,10 @@ class AtomicCheckpointer(MViTv2Checkpointer):
 
 
 def _atomic_write(path: str, write, binary: bool) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from ..utils.atomic import atomic_open
+
+    with atomic_open(path, "wb" if binary else "w") as f:
+        write(f)
 
 
 # -- the training loop ---------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ __all__ = ["TrainLoaderState", "remove_unfinished_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
-# Temporary files of mvit_det.detection.engine's atomic writes: "<name>.tmp<pid>".
-_TEMP_RE = re.compile(r"^(?P<name>.+\.pth|last_checkpoint)\.tmp(?P<pid>\d+)$")
+# Temporary files of the atomic writes (mvit_det.utils.atomic): "<name>.tmp<pid>.<random>" (older: "<name>.tmp<pid>").
+_TEMP_RE = re.compile(r"^(?P<name>.+\.pth|last_checkpoint)\.tmp(?P<pid>\d+)(?:\.[0-9a-f]+)?$")
 
 
 def _alive(pid: int) -> bool:
