@@ -196,21 +196,55 @@ def test_traceable_for_export():
         torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_inference_follows_weight_updates():
-    """bf16 weight copies are cached for speed; loading new weights must invalidate them."""
+def _update_load_state_dict(model, other):
+    model.load_state_dict(other.state_dict())
+
+
+def _update_data_copy(model, other):
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.data.copy_(q)  # bumps neither p's version counter nor its data pointer
+
+
+def _update_no_grad_copy(model, other):
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.copy_(q)
+
+
+def _update_optimizer_step(model, other):
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for p, q in zip(model.parameters(), other.parameters()):
+        p.grad = p.detach() - q  # one SGD step with lr 1 lands exactly on `other`
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "update", [_update_load_state_dict, _update_data_copy, _update_no_grad_copy, _update_optimizer_step]
+)
+@pytest.mark.parametrize("precision", ["autocast", "bf16_model"])
+def test_bf16_inference_follows_weight_updates(update, precision):
+    """Every way a user updates weights is seen by the next bf16 forward (issue 17, item 8): no stale casts."""
     torch.manual_seed(0)
     model = MViTv2("tiny", num_classes=10).eval()
     other = MViTv2("tiny", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    # (weights are reloaded outside autocast: autocast's own cast cache lives until its context exits)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        before = model(x).float()
-    model.load_state_dict(other.state_dict())
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        after = model(x).float()
-        expected = other(x).float()
-    torch.testing.assert_close(after, expected)
+
+    def run(m):
+        with torch.no_grad():
+            if precision == "bf16_model":
+                return m(x.bfloat16()).float()
+            with torch.autocast("cpu", torch.bfloat16):
+                return m(x).float()
+
+    if precision == "bf16_model":
+        model.bfloat16(), other.bfloat16()
+    before = run(model)
+    update(model, other)
+    after = run(model)
+    fresh = MViTv2("tiny", num_classes=10).eval().to(next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict())  # new tensors: nothing cached from before the update
+    torch.testing.assert_close(after, run(fresh))
     assert not torch.allclose(before, after)
     with torch.no_grad():
-        fp32 = model(x)
+        fp32 = other.float()(x)
     torch.testing.assert_close(after, fp32, rtol=0.05, atol=0.05)  # bf16 stays close to fp32

@@ -19,13 +19,17 @@ passed as an additive mask, which is mathematically identical to the reference
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 from torch.utils.checkpoint import checkpoint
+
+from .fastpath import _onednn_dtype, attention, bf16_fallback_needed, cast_weight, linear
 
 __all__ = [
     "ARCHS",
@@ -179,52 +183,6 @@ def block_specs(
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
-    """The dtype for oneDNN's fused linear, or None when the plain path must be used."""
-    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        # autograd, torch.compile (which fuses by itself) and tracing for export take the standard op
-        return None
-    if not torch.backends.mkldnn.is_available():
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype not in _ONEDNN_DTYPES or (weight.dtype != dtype and not torch.is_autocast_enabled("cpu")):
-        return None
-    return dtype
-
-
-def _cast_cached(p: Tensor, dtype: torch.dtype) -> Tensor:
-    """``p.to(dtype)``, cached on ``p`` until it is modified, so bf16 inference does not re-cast every
-    weight on every call (autocast does the same for parameters, but only those that require grad)."""
-    if p.dtype == dtype:
-        return p
-    key = (dtype, p._version, p.data_ptr())
-    cached = getattr(p, "_mvit_cast", None)
-    if cached is None or cached[0] != key:
-        cached = (key, p.to(dtype))
-        p._mvit_cast = cached
-    return cached[1]
-
-
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = False) -> Tensor:
-    """``F.linear`` (then exact GELU when ``gelu``), fused by oneDNN for CPU inference.
-
-    oneDNN adds the bias and applies the GELU inside the GEMM instead of in extra passes over memory,
-    which on CPU is worth about 1.5x for the linear layers that dominate MViTv2's cost. The result is the
-    same as the unfused ops (tested); training, CUDA and torch.compile use the standard ops.
-    """
-    dtype = _onednn_dtype(x, weight)
-    if dtype is not None:
-        weight, bias = _cast_cached(weight, dtype), (None if bias is None else _cast_cached(bias, dtype))
-        return torch.ops.mkldnn._linear_pointwise(
-            x.to(dtype), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else ""
-        )
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if gelu else out
-
-
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample while training."""
 
@@ -329,21 +287,6 @@ def window_unpartition(x: Tensor, window: int, padded_hw: tuple[int, int], hw: t
     return x.reshape(b, hp, wp, -1)[:, : hw[0], : hw[1]]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(c) + bias) v for (B, heads, Nq | Nk, c) inputs and a (B, heads, Nq, Nk) bias.
-
-    ``F.scaled_dot_product_attention`` everywhere except CPU autograd: PyTorch's fused CPU kernel cannot
-    return the gradient of ``attn_mask`` (the rel-pos bias is learned), so SDPA falls back to its math path,
-    whose NaN-safe softmax adds three extra passes over the attention matrix. Plain ops are faster there.
-    """
-    if q.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        attn = torch.baddbmm(
-            bias.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=q.shape[-1] ** -0.5
-        ).softmax(dim=-1)
-        return torch.bmm(attn, v.flatten(0, 1)).view(*q.shape[:-1], v.shape[-1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
 class PoolingAttention(nn.Module):
     """Multi-head pooling attention with decomposed relative position and residual pooling.
 
@@ -401,9 +344,8 @@ class PoolingAttention(nn.Module):
     def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
         b = x.shape[0]
         dtype = _onednn_dtype(x, self.qkv.weight)
-        weight, bias = self.qkv.weight, self.qkv.bias
-        if dtype is not None:  # cast once (cached) before chunking, not per chunk view
-            weight, bias = _cast_cached(weight, dtype), _cast_cached(bias, dtype)
+        # cast once before chunking, not per chunk view
+        weight, bias = cast_weight(self.qkv.weight, dtype), cast_weight(self.qkv.bias, dtype)
         w_q, w_k, w_v = weight.chunk(3)
         b_q, b_k, b_v = bias.chunk(3)
         q, q_hw = self._pool(linear(x, w_q, b_q), hw, self.pool_q, self.norm_q)
@@ -500,6 +442,37 @@ class MultiScaleBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
+def _to_dtype(out: Any, dtype: torch.dtype) -> Any:
+    if isinstance(out, Tensor):
+        return out.to(dtype)
+    if isinstance(out, dict):
+        return {k: _to_dtype(v, dtype) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_dtype(v, dtype) for v in out)
+    return out
+
+
+def _bf16_as_fp32(method: Callable) -> Callable:
+    """Run ``method`` in fp32 and return bf16 outputs when bf16 is asked for on a CPU without native bf16.
+
+    Emulated bf16 GEMMs are 6-20x slower than fp32 there, and oneDNN's fused bf16 kernel cannot be created at
+    all. bf16 weights are viewed as fp32 copies for the call (gradients still reach the originals).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: "MViTv2", x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (isinstance(x, Tensor) and x.is_floating_point()) or not bf16_fallback_needed(
+            x, self.patch_embed.proj.weight.dtype
+        ):
+            return method(self, x, *args, **kwargs)
+        state = {n: t.float() if t.is_floating_point() else t for n, t in self.state_dict(keep_vars=True).items()}
+        with torch.autocast("cpu", enabled=False), _reparametrize_module(self, state):
+            out = method(self, x.float(), *args, **kwargs)
+        return _to_dtype(out, torch.bfloat16)
+
+    return wrapper
+
+
 class MViTv2(nn.Module):
     """MViTv2 image classifier, or (``detection=True``) its multiscale detection trunk.
 
@@ -639,6 +612,7 @@ class MViTv2(nn.Module):
             x = x[:, 1:]
         return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
 
+    @_bf16_as_fp32
     def forward_pyramid(self, x: Tensor) -> dict[str, Tensor]:
         """Detection mode: ``{name: (B, C_s, H/stride_s, W/stride_s)}`` for ``out_features``."""
         if not self.detection:
@@ -650,6 +624,7 @@ class MViTv2(nn.Module):
                 outs[name] = self._tokens_to_map(tokens, hw)
         return outs
 
+    @_bf16_as_fp32
     def forward_features(self, x: Tensor) -> Tensor:
         """Classification mode: final normalised tokens (B, [1 +] H/32 * W/32, C)."""
         tokens, _ = self._forward_stages(x)[-1]
@@ -660,6 +635,7 @@ class MViTv2(nn.Module):
         pooled = tokens[:, 0] if self.has_cls_token else tokens.mean(dim=1)
         return pooled if pre_logits else self.head(pooled)
 
+    @_bf16_as_fp32
     def extract_feat(self, x: Tensor) -> tuple[Tensor, ...]:
         """Feature maps at the end of each stage, (B, C_s, H/stride_s, W/stride_s) for s = 1..4.
 
@@ -674,6 +650,7 @@ class MViTv2(nn.Module):
         maps.append(self._tokens_to_map(self.norm(last), hw))
         return tuple(maps)
 
+    @_bf16_as_fp32
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         if self.detection:
             return self.forward_pyramid(x)

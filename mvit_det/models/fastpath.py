@@ -1,0 +1,168 @@
+"""CPU fast paths and what this CPU can run: oneDNN's fused linear, native bfloat16, attention.
+
+What a CPU can run is decided once per process by probing a tiny call, not by reading CPU flags: settings such
+as ``ONEDNN_MAX_CPU_ISA`` and ``ATEN_CPU_CAPABILITY`` switch off kernels that the CPU has, and oneDNN's bf16
+inner product cannot even be created on a CPU without AVX-512 bf16 (or AMX). Where bf16 is asked for on such a
+CPU, emulated bf16 GEMMs run 6-20x slower than fp32, so MViTv2 computes in fp32 there and returns bf16 outputs
+(see :func:`bf16_fallback_needed`); this is logged once per process.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["attention", "bf16_fallback_needed", "cpu_info", "linear", "native_bf16", "onednn_linear_ok"]
+
+logger = logging.getLogger(__name__)
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_linear_ok(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused linear runs in ``dtype`` on this CPU and gives the right answer (probed once)."""
+    if dtype not in _ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=gen) for s in ((4, 32), (16, 32), (16,)))
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the probe may first run inside autocast
+        try:
+            out = torch.ops.mkldnn._linear_pointwise(x.to(dtype), w.to(dtype), b.to(dtype), "none", [], "")
+        except RuntimeError:  # "could not create a primitive descriptor": no kernel for this dtype on this ISA
+            return False
+        tol = 1e-4 if dtype == torch.float32 else 0.1
+        return bool(torch.allclose(out.float(), F.linear(x, w, b), atol=tol, rtol=tol))
+
+
+def native_bf16() -> bool:
+    """True when this CPU runs bf16 GEMMs natively (AVX-512 bf16 or AMX, and not capped by the environment)."""
+    return onednn_linear_ok(torch.bfloat16)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_info() -> dict:
+    """The CPU as the numbers should be read: model, vector ISA that torch uses, native bf16 or not."""
+    flags = _cpu_flags()
+    hw_isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_isa": hw_isa,
+        "torch_cpu_capability": capability,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "native_bf16": native_bf16(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+_fallback_logged = False
+
+
+def bf16_fallback_needed(x: Tensor, param_dtype: torch.dtype) -> bool:
+    """True when bf16 is asked for (autocast or bf16 weights/input) on a CPU without native bf16.
+
+    The caller then runs the network in fp32 and casts its outputs to bf16: faster than emulated bf16 and at
+    least as accurate. Tracing and ``torch.compile`` keep the ops as written (they record, not run, the model).
+    """
+    if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    wants_bf16 = (
+        (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        or x.dtype == torch.bfloat16
+        or param_dtype == torch.bfloat16
+    )
+    if not wants_bf16 or native_bf16():
+        return False
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        logger.warning(
+            "bfloat16 was requested, but this CPU has no native bf16 kernels (%s, torch capability %s): "
+            "MViTv2 computes in float32 and returns bfloat16 outputs (faster than emulated bf16 here).",
+            _cpu_model(), torch.backends.cpu.get_cpu_capability(),
+        )
+    return True
+
+
+def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
+    """The dtype for oneDNN's fused linear, or None when the standard ops must be used."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # autograd, torch.compile (which fuses by itself) and tracing for export take the standard op
+        return None
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    if dtype not in _ONEDNN_DTYPES or (weight.dtype != dtype and not autocast):
+        return None
+    return dtype if onednn_linear_ok(dtype) else None
+
+
+def cast_weight(p: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """``p`` in ``dtype`` for the fused kernel. Cast per call, as autocast does: a cache keyed on the tensor
+    cannot see every way a user updates weights (``p.data.copy_`` changes neither version nor pointer)."""
+    return p if p is None or dtype is None or p.dtype == dtype else p.to(dtype)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool = False) -> Tensor:
+    """``F.linear`` (then exact GELU when ``gelu``), fused by oneDNN for CPU inference.
+
+    oneDNN adds the bias and applies the GELU inside the GEMM instead of in extra passes over memory,
+    which on CPU is worth about 1.5x for the linear layers that dominate MViTv2's cost. The result is the
+    same as the unfused ops (tested); training, CUDA and torch.compile use the standard ops.
+    """
+    dtype = _onednn_dtype(x, weight)
+    if dtype is not None:
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(dtype), cast_weight(weight, dtype), cast_weight(bias, dtype),
+            "gelu" if gelu else "none", [], "none" if gelu else "",
+        )
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(c) + bias) v for (B, heads, Nq | Nk, c) inputs and a (B, heads, Nq, Nk) bias.
+
+    ``F.scaled_dot_product_attention`` for inference and GPU training. Two cases use plain batched matmuls:
+    CPU autograd, where PyTorch's fused CPU kernel cannot return the gradient of ``attn_mask`` (the rel-pos
+    bias is learned) and SDPA's math fallback adds three extra passes over the attention matrix; and
+    ``torch.jit`` tracing, which fvcore (and detectron2's ``analyze_model.py``) use to count FLOPs and which
+    would otherwise see one opaque fused op and count nothing for it.
+    """
+    if torch.jit.is_tracing():  # ops that every fvcore-based counter knows (aten::matmul)
+        attn = (torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias).softmax(dim=-1)
+        return torch.matmul(attn, v)
+    if q.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        attn = torch.baddbmm(
+            bias.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), alpha=q.shape[-1] ** -0.5
+        ).softmax(dim=-1)
+        return torch.bmm(attn, v.flatten(0, 1)).view(*q.shape[:-1], v.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

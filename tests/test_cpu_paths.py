@@ -1,0 +1,72 @@
+"""Every precision on every x86 CPU (issue 11): the fast paths are chosen by probing, and the AVX2 path is
+proven on any host by a subprocess capped with ONEDNN_MAX_CPU_ISA=AVX2 / ATEN_CPU_CAPABILITY=avx2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvit_det.models.fastpath import native_bf16, onednn_linear_ok
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu_paths_check import check  # noqa: E402
+
+CAPPED = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def _assert_numerics(result: dict) -> None:
+    for name in ("cls", "det"):
+        r = result[name]
+        assert r["fused_fp32"] < 1e-4, (name, r)
+        # bf16 has 8 mantissa bits; outputs of a 10-block random network stay within a few percent
+        assert r["autocast_bf16"] < 0.05 and r["bf16_model"] < 0.05, (name, r)
+        assert r["autocast_dtype"] == r["bf16_model_dtype"] == "torch.bfloat16", (name, r)
+        assert r["train_grad_finite"] and r["train_bf16_grad"] < 0.1, (name, r)
+
+
+@pytest.fixture(scope="module")
+def capped_result() -> dict:
+    env = {**os.environ, **CAPPED, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "cpu_paths_check.py")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_avx2_capped_subprocess_runs_every_precision(capped_result):
+    # Never skipped: the cap works on every x86 host with oneDNN (AVX2 is the floor it caps to).
+    assert capped_result["cpu"]["torch_cpu_capability"] == "AVX2"
+    assert capped_result["native_bf16"] is False
+    _assert_numerics(capped_result)
+    # bf16 asked for without native bf16: said once per process, naming the path taken.
+    assert len(capped_result["fallback_logs"]) == 1
+    assert "computes in float32 and returns bfloat16" in capped_result["fallback_logs"][0]
+
+
+def test_host_runs_every_precision():
+    result = check()
+    _assert_numerics(result)
+    assert len(result["fallback_logs"]) == (0 if result["native_bf16"] else 1)
+
+
+def test_probe_is_decided_once():
+    onednn_linear_ok.cache_clear()
+    first = native_bf16()
+    assert onednn_linear_ok.cache_info().misses == 1
+    assert native_bf16() is first and onednn_linear_ok.cache_info().hits >= 1
+    assert onednn_linear_ok(torch.float32)  # fp32 oneDNN runs on every x86 CPU torch supports
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU (or ONEDNN_MAX_CPU_ISA) has no native bf16 oneDNN kernels")
+def test_native_bf16_fused_linear_matches_standard_op():
+    x, w, b = torch.randn(8, 64), torch.randn(32, 64), torch.randn(32)
+    out = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), w.bfloat16(), b.bfloat16(), "gelu", [], "none")
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()).float())
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.02
