@@ -1,7 +1,9 @@
 """FLOP counting with fvcore, made to count fused attention like the explicit matmuls it replaces.
 
-fvcore has no handle for ``aten::scaled_dot_product_attention`` (inference) or ``aten::baddbmm`` (the
-q @ k^T + bias of the CPU autograd path) and would silently drop those attention products. Published MViTv2
+MViTv2 itself needs nothing special: under ``torch.jit`` tracing (which fvcore uses) its attention is written
+with ``aten::matmul``, so plain ``FlopCountAnalysis`` and detectron2's ``analyze_model.py`` give the published
+figures. The handles below are for the reference models (timm, mmpretrain) that call
+``aten::scaled_dot_product_attention`` or ``aten::baddbmm``, which fvcore would silently drop. Published MViTv2
 numbers (official README, mmpretrain, timm) count those matmuls, and like them we count one multiply-accumulate
 as one FLOP.
 """
