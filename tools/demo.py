@@ -1,61 +1,99 @@
 #!/usr/bin/env python
-"""Run a detector on images and save the drawn detections as PNGs. Works with LazyConfig and yacs configs.
+"""Run a detector on images, folders, a video or a webcam. Works with the published detectors by name (--model),
+LazyConfig .py and yacs .yaml configs.
 
+    python tools/demo.py --model cascade_mask_rcnn_mvitv2_t_3x --input photos/ --json out.json --output drawn/
     python tools/demo.py --config configs/mvitv2_t_maskrcnn.py --weights model_final.pth \\
-        --input photo.jpg more/*.jpg a_folder/ --output out/ --confidence-threshold 0.5
-    python tools/demo.py --config configs/yacs/mvitv2_t_maskrcnn.yaml --weights model_final.pth --input img.jpg --output out/
+        --input photo.jpg 'more/*.jpg' a_folder/ --output out/ --confidence-threshold 0.5
+    python tools/demo.py --model vitdet_coco_cascade_mask_rcnn_mvitv2_b_in21k_100ep --video-input in.mp4 --output out.mp4
+    python tools/demo.py --model mask_rcnn_mvitv2_t_3x --webcam
 
-Class names come from the config's test dataset when it is registered (or is the built-in toy set); otherwise
-detections are labelled by class index. An unreadable or corrupt input is reported and skipped; the exit code is 1
-if any input failed.
+--json writes every detection the model returns (its own test score threshold applies) as one COCO file;
+--output draws those with score >= --confidence-threshold. Class names come from the detector's dataset (or the
+config's registered test dataset; otherwise class indices). Unreadable images, decompression bombs and images too
+elongated for the test resize are reported and skipped; the exit code is then 1. Bad arguments exit with 2 before
+any model is built.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", "--config-file", dest="config_file", required=True, metavar="FILE",
-                   help="a LazyConfig .py or a yacs .yaml file")
-    p.add_argument("--weights", default=None,
-                   help="checkpoint (default: the config's train.init_checkpoint / MODEL.WEIGHTS)")
-    p.add_argument("--input", nargs="+", required=True, help="image files, glob patterns or directories")
-    p.add_argument("--output", required=True, help="directory for the PNGs")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", metavar="NAME", help="a published detector (python -c 'from "
+                       "mvit_det.detection.zoo import list_detectors; print(list_detectors())')")  # fmt: skip
+    model.add_argument("--config", "--config-file", dest="config_file", metavar="FILE",
+                       help="a LazyConfig .py or a yacs .yaml file")  # fmt: skip
+    p.add_argument("--weights", default=None, help="checkpoint path or URL (default: --model's published weights, "
+                   "or the config's train.init_checkpoint / MODEL.WEIGHTS)")  # fmt: skip
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
+    src.add_argument("--video-input", metavar="FILE", help="a video file")
+    src.add_argument("--webcam", nargs="?", type=int, const=0, metavar="INDEX", help="camera index (default 0)")
+    p.add_argument("--output", help="folder for drawn PNGs (--input), or the output video file (--video-input)")
+    p.add_argument("--json", metavar="OUT.json", help="write the detections as one COCO results file")
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to draw")
+    p.add_argument("--batch-size", type=int, default=1, help="images or frames per model call")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (multi-scale + flip, detectron2's "
+                   "GeneralizedRCNNWithTTA defaults)")  # fmt: skip
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16 needs CUDA")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                   help="config overrides: key=value (.py) or KEY VALUE (.yaml)")
+                   help="config overrides: key=value (.py, --model) or KEY VALUE (.yaml)")  # fmt: skip
     args = p.parse_args(argv)
     if not 0.0 <= args.confidence_threshold <= 1.0:
         p.error("--confidence-threshold must be in [0, 1].")
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1.")
+    if args.precision == "fp16" and (args.device or "").startswith("cpu"):
+        p.error("--precision fp16 needs a CUDA device; on the CPU use --precision bf16.")
+    if args.input is not None and args.output is None and args.json is None:
+        p.error("--input needs --output DIR and/or --json OUT.json.")
+    if args.video_input is not None and args.output is None and args.json is None:
+        p.error("--video-input needs --output VIDEO and/or --json OUT.json.")
+    if args.model is not None:
+        from mvit_det.detection.zoo import get_detector_card
+
+        try:
+            get_detector_card(args.model)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
-def expand_inputs(items: list[str]) -> list[str]:
-    """Files as given, directories as their image files (sorted), glob patterns expanded. Missing paths are kept
-    so that they are reported as failures."""
-    out: list[str] = []
-    for item in items:
-        path = os.path.expanduser(item)
-        if os.path.isdir(path):
-            out += sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
-        elif any(c in path for c in "*?[") and not os.path.exists(path):
-            out += sorted(glob.glob(path)) or [path]
-        else:
-            out.append(path)
-    return out
+def check_outputs(args) -> None:
+    """Every output problem is found before the model is built (raises RunError)."""
+    from mvit_det.detection.runner import VIDEO_CODECS, check_output_dir, check_output_file
+
+    if args.json is not None:
+        check_output_file(args.json, "--json", [".json"])
+    if args.output is not None:
+        if args.input is not None:
+            check_output_dir(args.output)
+        elif args.video_input is not None:
+            check_output_file(args.output, "--output", list(VIDEO_CODECS))
+
+
+def build(args):
+    from mvit_det.detection.predictor import build_predictor
+
+    options = dict(batch_size=args.batch_size, precision=args.precision, tta=args.tta)
+    if args.model is not None:
+        from mvit_det.detection.zoo import get_detector
+
+        pretrained = True if args.weights is None else args.weights
+        return get_detector(args.model, pretrained=pretrained, device=args.device, opts=args.opts, **options)
+    return build_predictor(args.config_file, weights=args.weights, device=args.device, opts=args.opts, **options)
 
 
 def _output_name(path: str, used: set[str]) -> str:
@@ -67,44 +105,101 @@ def _output_name(path: str, used: set[str]) -> str:
     return name
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from detectron2.utils.logger import setup_logger
-    from detectron2.utils.visualizer import ColorMode, Visualizer
+def run_on_images(args, predictor, inputs: list[str]) -> int:
+    import cv2
+    from tqdm import tqdm
 
-    from mvit_det.data.images import ImageReadError, load_image
-    from mvit_det.detection.predictor import build_predictor
+    from mvit_det.detection.runner import CocoResultsWriter, draw_detections, run_images
 
-    setup_logger(name="mvit_det")
-    inputs = expand_inputs(args.input)
-    if not inputs:
-        print("demo: no input images found.", file=sys.stderr)
-        return 1
-    predictor = build_predictor(args.config_file, weights=args.weights, device=args.device, opts=args.opts)
-    os.makedirs(args.output, exist_ok=True)
+    coco = CocoResultsWriter(predictor.metadata) if args.json else None
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+    failed: list[str] = []
+    used: set[str] = set()
 
-    failed, used = [], set()
-    for path in inputs:
-        try:
-            rgb = np.asarray(load_image(path))
-        except (ImageReadError, OSError) as e:  # missing, unreadable, truncated or not an image
-            print(f"skipped {path}: {e}", file=sys.stderr)
-            failed.append(path)
-            continue
-        t0 = time.perf_counter()
-        instances = predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["instances"].to("cpu")
-        dt = time.perf_counter() - t0
-        shown = instances[instances.scores >= args.confidence_threshold]
-        vis = Visualizer(rgb, predictor.metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(shown)
-        out = os.path.join(args.output, _output_name(path, used))
-        if not cv2.imwrite(out, vis.get_image()[:, :, ::-1]):
-            print(f"failed to write {out}", file=sys.stderr)
-            failed.append(path)
-            continue
-        print(f"{path}: {len(shown)} detections (score >= {args.confidence_threshold}) in {dt:.2f} s -> {out}")
+    def on_skip(path: str, reason: str) -> None:
+        tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+
+    def on_result(path: str, bgr, instances) -> None:
+        if coco is not None:
+            coco.add(path, bgr.shape[0], bgr.shape[1], instances)
+        n = int((instances.scores >= args.confidence_threshold).sum())
+        if args.output:
+            drawn = draw_detections(bgr[:, :, ::-1], instances, predictor.metadata, args.confidence_threshold)
+            out = os.path.join(args.output, _output_name(path, used))
+            if not cv2.imwrite(out, drawn[:, :, ::-1]):
+                tqdm.write(f"failed to write {out}", file=sys.stderr)
+                failed.append(path)
+                return
+            tqdm.write(f"{path}: {n} detections (score >= {args.confidence_threshold}) -> {out}")
+        else:
+            tqdm.write(f"{path}: {n} detections (score >= {args.confidence_threshold})")
+
+    t0 = time.perf_counter()
+    skipped = run_images(predictor, inputs, batch_size=args.batch_size, on_result=on_result, on_skip=on_skip,
+                         progress=not args.no_progress)  # fmt: skip
+    failed = skipped + failed
+    done = len(inputs) - len(failed)
+    print(f"{done} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if coco is not None:
+        coco.write(args.json)
+        print(f"wrote {len(coco.annotations)} detections on {len(coco.images)} images to {args.json}")
     if failed:
         print(f"demo: {len(failed)} of {len(inputs)} inputs failed: {failed}", file=sys.stderr)
         return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mvit_det.checkpoint import DownloadError
+    from mvit_det.detection.runner import RunError, check_gui, expand_inputs, open_camera, open_video, run_video
+
+    try:
+        check_outputs(args)
+        inputs: list[str] = []
+        camera = None
+        if args.input is not None:
+            inputs = expand_inputs(args.input)
+            if not inputs:
+                raise RunError("no input images found.")
+        elif args.video_input is not None:
+            open_video(args.video_input)[0].release()  # readable, before the model is built
+        else:
+            check_gui()
+            camera = open_camera(args.webcam)
+    except RunError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="mvit_det")
+    try:
+        predictor = build(args)
+    except (DownloadError, FileNotFoundError, ValueError) as e:
+        if camera is not None:
+            camera.release()
+        print(f"demo: {e}", file=sys.stderr)
+        return 2
+
+    if args.input is not None:
+        return run_on_images(args, predictor, inputs)
+    if args.video_input is not None:
+        try:
+            info = run_video(predictor, args.video_input, args.output, batch_size=args.batch_size,
+                             threshold=args.confidence_threshold, json_path=args.json,
+                             progress=not args.no_progress)  # fmt: skip
+        except RunError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 1
+        print(f"{info['frames']} frames ({info['width']}x{info['height']}, {info['fps']:g} fps) -> "
+              f"{', '.join(p for p in (args.output, args.json) if p)}")  # fmt: skip
+        return 0
+    from mvit_det.detection.runner import run_webcam
+
+    shown = run_webcam(predictor, camera, threshold=args.confidence_threshold)
+    print(f"webcam: {shown} frames")
     return 0
 
 
