@@ -63,7 +63,7 @@ duplication, so the result equals a single-process run; rank 0 prints and writes
 exit status:
   0  evaluated (also when some unreadable images were skipped)
   1  any other failure: a checkpoint that does not fit the model, a failed download, an error during
-     evaluation, no image readable at all
+     evaluation, NaN/Inf logits (a diverged checkpoint), no image readable at all
   2  usage or data error: bad arguments, unknown model or bad model config, missing checkpoint file,
      data folder in neither layout, bad label file (the message gives the line), label out of range
 """
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except (torch.multiprocessing.ProcessRaisedException, torch.multiprocessing.ProcessExitedException) as e:
         print(f"error: a worker process failed:\n{e}", file=sys.stderr)
         return EXIT_FAILURE
-    except (ValueError, RuntimeError, OSError) as e:  # checkpoint mismatch, download failure, ...
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as e:  # bad checkpoint, download, NaN logits...
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:

@@ -35,6 +35,7 @@ from torch import nn
 
 from mvit_det import get_model, list_models
 from mvit_det.checkpoint import DownloadError, load_checkpoint
+from mvit_det.utils.atomic import atomic_path
 from mvit_det.utils.cli import parse_img_size
 from mvit_det.utils.references import max_rel_diff
 
@@ -72,17 +73,15 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, list[str]]:
 
 def export(model: nn.Module, output_names: list[str], hw: tuple[int, int], path: Path, opset: int = 18) -> None:
     """Write ``model`` as ONNX, traced on a (1, 3, H, W) input, with a dynamic batch dimension."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     dynamic = {"images": {0: "batch"}, **{name: {0: "batch"} for name in output_names}}
-    with torch.no_grad(), warnings.catch_warnings():
+    # Atomic: a failed or interrupted export (full disk, Ctrl-C) leaves neither a half-written .onnx nor a temp file.
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes are fixed at the traced size on purpose
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose (see top)
         torch.onnx.export(
             model, (torch.zeros(1, 3, *hw),), str(tmp), input_names=["images"], output_names=output_names,
             dynamic_axes=dynamic, opset_version=opset, dynamo=False,
         )  # fmt: skip
-    tmp.replace(path)  # an interrupted export never leaves a half-written .onnx behind
 
 
 def check_with_onnxruntime(model: nn.Module, path: Path, hw: tuple[int, int], batch: int = 2) -> dict[str, float]:
@@ -101,6 +100,10 @@ def check_with_onnxruntime(model: nn.Module, path: Path, hw: tuple[int, int], ba
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.output.is_dir():  # checked before the model is built
+        print(f"export_onnx: --output {args.output} is a folder; give the file to write, e.g. "
+              f"{args.output / 'model.onnx'}", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         model, output_names = build(args)
     except (OSError, DownloadError, ValueError, KeyError) as e:  # unreadable or mismatched weights; offline
@@ -111,7 +114,11 @@ def main(argv=None) -> int:
     except ImportError:
         print("export_onnx: the onnx package is missing: pip install onnx onnxruntime", file=sys.stderr)
         return 2
-    export(model, output_names, args.hw, args.output, args.opset)
+    try:
+        export(model, output_names, args.hw, args.output, args.opset)
+    except OSError as e:  # full disk, unwritable folder: nothing is left behind
+        print(f"export_onnx: could not write {args.output}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MB), input images: (batch, 3, "
           f"{args.hw[0]}, {args.hw[1]}), outputs: {', '.join(output_names)}")  # fmt: skip
     try:

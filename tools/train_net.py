@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -38,10 +39,13 @@ from detectron2.utils import comm  # noqa: E402
 from mvit_det.detection.engine import (  # noqa: E402
     AtomicCheckpointer,
     NonFiniteLossError,
+    OutputDirLockedError,
     build_model,
+    check_run_settings,
     do_test,
     do_train,
     load_config,
+    output_dir_lock,
     prepare_config,
     register_coco_datasets,
     run_settings,
@@ -120,21 +124,32 @@ def run(args: argparse.Namespace):
 
 def cli(argv=None) -> int:
     args = parse_args(argv)
-    try:  # fail here, once, with a short message, rather than in every worker process
+    try:  # fail here, once, with a short message, before any model is built and in no worker process
         register_coco_datasets(args.register_coco)
-        load_config(args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts)
+        check_run_settings(
+            cfg, eval_only=args.eval_only, resume=args.resume, world_size=args.num_gpus * args.num_machines
+        )
+        out = run_settings(cfg).output_dir
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"train_net: {e}", file=sys.stderr)
         return 2
+    key = "train.output_dir" if args.config_file.endswith(".py") else "OUTPUT_DIR"
+    # One run per output folder (on the first machine, which writes the checkpoints).
+    lock = output_dir_lock(out, key) if args.machine_rank == 0 else contextlib.nullcontext()
     try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        with lock:
+            launch(
+                main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
+    except OutputDirLockedError as e:
+        print(f"train_net: {e}", file=sys.stderr)
+        return 2
     except mp.ProcessExitedException as e:  # a worker exited with an error code (e.g. the NaN guard)
         print(f"train_net: a worker process failed: {e}", file=sys.stderr)
         return e.exit_code or 1

@@ -3,7 +3,7 @@
 Files are read without executing pickled code: PyTorch files go through ``torch.load(weights_only=True)``
 and detectron2 model-zoo ``.pkl`` files through an unpickler that only accepts numpy arrays and plain
 containers. A file that needs more than that is refused with the safe fix (save a plain state dict); no
-message ever suggests ``weights_only=False``.
+message ever suggests turning ``weights_only`` off.
 
 Loaded tensors own their memory: nothing is memory-mapped from the file, so the caller may overwrite or delete
 the file it just read (``sd, _ = read_checkpoint(p); torch.save(sd, p)``). Every file written here goes
@@ -313,7 +313,10 @@ def download(
                 with urllib.request.urlopen(req, timeout=timeout) as resp, open(tmp, "wb") as out:
                     status = getattr(resp, "status", 200)
                     if status != 200:
-                        raise DownloadError(f"Could not download {url}: the server answered HTTP {status}, not 200. {manual}")
+                        raise DownloadError(
+                            f"Could not download {url}: the server answered HTTP {status}, not 200. Nothing was cached. "
+                            + manual
+                        )
                     total = int(resp.headers.get("Content-Length") or 0) or None
                     received = 0
                     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not progress) as bar:
@@ -323,7 +326,7 @@ def download(
                             received += len(chunk)
                             bar.update(len(chunk))
             except urllib.error.HTTPError as e:
-                raise DownloadError(f"Could not download {url}: HTTP {e.code} {e.reason}. {manual}") from None
+                raise DownloadError(f"Could not download {url}: HTTP {e.code} {e.reason}. Nothing was cached. {manual}") from None
             except http.client.IncompleteRead as e:  # Content-Length not reached, or a chunked body cut off
                 raise DownloadError(
                     f"Download of {url} was cut off after {len(e.partial)} more bytes ({e}). Nothing was cached; "

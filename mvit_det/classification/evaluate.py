@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..data.images import ImageReadError
+from ..utils.atomic import atomic_open
 from .transforms import EvalTransform
 
 __all__ = [
@@ -461,6 +462,8 @@ def evaluate(
                 logits = model(batch.images.to(device, non_blocking=True))
             if logits.ndim != 2:
                 raise ValueError(f"The model must return logits (B, num_classes); got shape {tuple(logits.shape)}.")
+            if not torch.isfinite(logits).all():
+                raise _non_finite_logits(model, logits, batch, dataset, amp)
             k = min(topk, logits.shape[1])
             # Ranks come from the logits as the model returned them (bf16 under --amp bf16, so near-equal
             # logits can tie); float() only gives topk one dtype to work on.
@@ -497,6 +500,27 @@ def evaluate(
     skipped = [SkippedImage(dataset.samples[i][0], reason) for i, reason in sorted(failed)]
     evaluated, correct1, correct5 = (int(c) for c in counts.tolist())
     return EvalResult(len(dataset), evaluated, correct1, correct5, skipped, predictions, seconds, k)
+
+
+def _non_finite_logits(model: torch.nn.Module, logits: Tensor, batch: EvalBatch, dataset: EvalDataset, amp) -> FloatingPointError:
+    """NaN/Inf logits make top-k meaningless (NaN sorts arbitrarily): the evaluation stops with the cause."""
+    bad_rows = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten().tolist()
+    first = dataset.samples[int(batch.indices[bad_rows[0]])][0]
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        cause = (
+            f"{len(bad)} weight tensors of the checkpoint contain NaN/Inf (first: {', '.join(bad[:3])}); evaluate a "
+            "checkpoint saved before training diverged"
+        )
+    else:
+        cause = (
+            f"the weights are finite, so the forward pass overflowed ({amp or 'float32'}); evaluate in float32 or "
+            "with --amp bf16"
+        )
+    return FloatingPointError(
+        f"The model returned NaN/Inf logits for {len(bad_rows)} of {len(logits)} images in a batch (first: {first}), "
+        f"so no accuracy can be computed: {cause}."
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -723,11 +747,12 @@ def _report(summary: dict[str, Any], result: EvalResult, job: EvalJob) -> None:
         for s in shown:
             print(f"  {s.reason}", flush=True)
         if len(result.skipped) > len(shown):
-            print(f"  ... and {len(result.skipped) - len(shown)} more (all listed in the JSON).", flush=True)
+            where = "all listed in the --out JSON" if job.out else "write them all with --out FILE"
+            print(f"  ... and {len(result.skipped) - len(shown)} more ({where}).", flush=True)
     if job.out:
         out = Path(job.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        with atomic_open(out, "w", encoding="utf-8") as f:  # the old results stay whole until the new ones are
+            f.write(json.dumps(summary, indent=2) + "\n")
         print(f"Wrote {out}", flush=True)
     if job.predictions:
         _write_predictions(Path(job.predictions), job.dataset, result)
@@ -737,8 +762,7 @@ def _report(summary: dict[str, Any], result: EvalResult, job: EvalJob) -> None:
 def _write_predictions(path: Path, dataset: EvalDataset, result: EvalResult) -> None:
     import csv
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label"] + [f"top{i + 1}" for i in range(result.topk)])
         for (img, label), pred in zip(dataset.samples, result.predictions.tolist()):

@@ -23,10 +23,12 @@ functions below, so the loop itself is written once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -57,6 +59,10 @@ __all__ = [
     "build_test_loader",
     "build_train_loader",
     "check_num_classes",
+    "check_output_dir",
+    "check_run_settings",
+    "output_dir_lock",
+    "OutputDirLockedError",
     "convert_sync_batchnorm",
     "do_test",
     "do_train",
@@ -64,6 +70,7 @@ __all__ = [
     "head_num_classes",
     "is_lazy",
     "load_config",
+    "merge_yaml_safely",
     "prepare_config",
     "register_coco_datasets",
     "run_settings",
@@ -133,7 +140,7 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
         cfg = get_cfg()
         add_mvitv2_config(cfg)
         try:
-            cfg.merge_from_file(path)
+            merge_yaml_safely(cfg, path)
             cfg.merge_from_list(yacs_opts_to_list(opts))
         except (KeyError, AssertionError) as e:  # yacs: KeyError from files, AssertionError from lists
             m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
@@ -142,6 +149,29 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
             raise ValueError(unknown_yacs_key_message(cfg, m.group(1))) from None
         return cfg
     raise ValueError(f"Unknown config type {path!r}: use a LazyConfig .py file or a yacs .yaml file.")
+
+
+def merge_yaml_safely(cfg: CfgNode, path: str) -> None:
+    """``cfg.merge_from_file(path)`` with ``yaml.safe_load`` for the file and every ``_BASE_`` it names.
+
+    detectron2's ``merge_from_file`` falls back to ``yaml.unsafe_load`` by default, so a tag such as
+    ``!!python/object/apply:os.system`` in a config would run. Here such a tag is an error that names the file and
+    line, and nothing runs. (A LazyConfig ``.py`` is Python code by design: run only ``.py`` configs you trust.)
+    """
+    import yaml
+
+    try:
+        cfg.merge_from_file(path, allow_unsafe=False)  # fvcore passes allow_unsafe on to every _BASE_ file
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else path
+        raise ValueError(
+            f"Config {path}: {where} uses a YAML tag that would create a Python object ({e.problem}). mvit-det reads "
+            "YAML configs as data only (yaml.safe_load), so the tag was refused and nothing was run. Replace it with "
+            "a plain value (number, string, list, mapping); Python code belongs in a LazyConfig .py file."
+        ) from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"Config {path} is not valid YAML: {e}") from None
 
 
 def setup_run(cfg: AnyConfig, args) -> None:
@@ -194,36 +224,200 @@ def _names(x) -> tuple[str, ...]:
     return (x,) if isinstance(x, str) else tuple(x)
 
 
+def _int(value: Any, key: str) -> int:
+    """``int(value)`` with an error that names the config key (``train.max_iter=abc``)."""
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{key} must be an integer, got {value!r}.")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be an integer, got {value!r}. Example: {key}=100.") from None
+
+
 def run_settings(cfg: AnyConfig) -> RunSettings:
     if is_lazy(cfg):
         t = cfg.train
+        log_period = t.get("log_period", 20)
         return RunSettings(
             output_dir=t.output_dir,
-            max_iter=int(t.max_iter),
-            checkpoint_period=int(t.checkpointer.period),
+            max_iter=_int(t.max_iter, "train.max_iter"),
+            checkpoint_period=_int(t.checkpointer.period, "train.checkpointer.period"),
             max_to_keep=t.checkpointer.get("max_to_keep", None),
-            eval_period=int(t.eval_period),
-            log_period=int(t.get("log_period", 20)),
+            eval_period=_int(t.eval_period, "train.eval_period"),
+            log_period=_int(log_period, "train.log_period"),
             amp=bool(t.amp.enabled),
             device=str(t.device),
             init_checkpoint=str(t.init_checkpoint or ""),
             train_datasets=_names(cfg.dataloader.train.dataset.names),
             test_datasets=_names(cfg.dataloader.test.dataset.names),
         )
+    max_iter = _int(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER")
     return RunSettings(
         output_dir=cfg.OUTPUT_DIR,
-        max_iter=int(cfg.SOLVER.MAX_ITER),
-        checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD),
+        max_iter=max_iter,
+        checkpoint_period=_int(cfg.SOLVER.CHECKPOINT_PERIOD, "SOLVER.CHECKPOINT_PERIOD"),
         max_to_keep=None,
-        eval_period=int(cfg.TEST.EVAL_PERIOD),
+        eval_period=_int(cfg.TEST.EVAL_PERIOD, "TEST.EVAL_PERIOD"),
         # yacs has no key for it; detectron2's DefaultTrainer uses 20. Short runs log more often.
-        log_period=max(1, min(20, int(cfg.SOLVER.MAX_ITER) // 10)),
+        log_period=max(1, min(20, max_iter // 10)),
         amp=bool(cfg.SOLVER.AMP.ENABLED),
         device=str(cfg.MODEL.DEVICE),
         init_checkpoint=str(cfg.MODEL.WEIGHTS or ""),
         train_datasets=tuple(cfg.DATASETS.TRAIN),
         test_datasets=tuple(cfg.DATASETS.TEST),
     )
+
+
+def _key(cfg: AnyConfig, lazy_key: str, yacs_key: str) -> str:
+    return lazy_key if is_lazy(cfg) else yacs_key
+
+
+def check_run_settings(cfg: AnyConfig, *, eval_only: bool = False, resume: bool = False, world_size: int = 1) -> None:
+    """Refuse run settings that would fail (or silently do nothing) only after the model is built.
+
+    Checked: integer settings are integers; ``max_iter`` >= 1 for training; checkpoint and log periods >= 1 and
+    the evaluation period >= 0; the total batch size >= 1 and divisible by the number of processes; the output
+    folder can be written; with ``--resume``, ``last_checkpoint`` names a complete file; a local initial
+    checkpoint exists. Raises ``ValueError`` / ``FileNotFoundError`` naming the setting and the fix.
+    """
+    s = run_settings(cfg)  # integer settings
+    k = lambda lazy, yacs: _key(cfg, lazy, yacs)  # noqa: E731
+    if not eval_only:
+        if s.max_iter < 1:
+            raise ValueError(
+                f"{k('train.max_iter', 'SOLVER.MAX_ITER')} is {s.max_iter}: nothing would be trained. Give the number "
+                "of iterations to train (>= 1), or use --eval-only to only evaluate."
+            )
+        for value, key in [
+            (s.checkpoint_period, k("train.checkpointer.period", "SOLVER.CHECKPOINT_PERIOD")),
+            (s.log_period, k("train.log_period", "SOLVER.MAX_ITER (log period max_iter // 10)")),
+        ]:
+            if value < 1:
+                raise ValueError(f"{key} is {value}; it is a number of iterations and must be >= 1.")
+        if s.eval_period < 0:
+            key = k("train.eval_period", "TEST.EVAL_PERIOD")
+            raise ValueError(f"{key} is {s.eval_period}; use a number of iterations >= 1, or 0 to evaluate only at the end.")
+        if is_lazy(cfg):
+            batch = _int(cfg.dataloader.train.get("total_batch_size", 1), "dataloader.train.total_batch_size")
+        else:
+            batch = _int(cfg.SOLVER.IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH")
+        key = k("dataloader.train.total_batch_size", "SOLVER.IMS_PER_BATCH")
+        if batch < 1:
+            raise ValueError(f"{key} is {batch}; it is the number of images per iteration over all processes (>= 1).")
+        if batch % world_size:
+            raise ValueError(
+                f"{key} is {batch}, which the {world_size} processes cannot share equally; use a multiple of "
+                f"{world_size}."
+            )
+    check_output_dir(s.output_dir, _key(cfg, "train.output_dir", "OUTPUT_DIR"))
+    last = os.path.join(s.output_dir, "last_checkpoint")
+    if resume and os.path.isfile(last):
+        _check_last_checkpoint(last)
+    elif s.init_checkpoint and "://" not in s.init_checkpoint and not os.path.exists(s.init_checkpoint):
+        raise FileNotFoundError(
+            f"{k('train.init_checkpoint', 'MODEL.WEIGHTS')} is {s.init_checkpoint}, which does not exist (relative paths "
+            f"are relative to {os.getcwd()}). Check the path."
+        )
+
+
+def check_output_dir(output_dir: str, key: str = "the output folder") -> None:
+    """Create ``output_dir`` if needed and prove that a file can be written in it; ``ValueError`` otherwise."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"Cannot write to the output folder {output_dir!r} ({key}): {e.strerror or e}. Set {key} to a folder "
+            "you can write."
+        ) from None
+
+
+LOCK_NAME = ".mvit_det_run.lock"
+
+
+class OutputDirLockedError(RuntimeError):
+    """Another run is using the output folder."""
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, key: str = "the output folder"):
+    """Hold ``<output_dir>/.mvit_det_run.lock`` (this process's pid and host) while the block runs.
+
+    Two runs in one folder would overwrite each other's checkpoints, ``last_checkpoint`` and metrics, so a second
+    run is refused with ``OutputDirLockedError``. A lock left by a process that no longer exists on this machine
+    (a killed run) is stale: it is taken over, with a warning.
+    """
+    import socket
+
+    from .resume import _alive
+
+    check_output_dir(output_dir, key)
+    path = os.path.join(output_dir, LOCK_NAME)
+    host = socket.gethostname()
+    mine = f"{os.getpid()} {host} {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    owner = f.read().split()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            pid = int(owner[0]) if owner and owner[0].isdigit() else None
+            owner_host = owner[1] if len(owner) > 1 else "?"
+            if pid is not None and owner_host == host and not _alive(pid):
+                logger.warning("Removing the stale lock %s of process %d, which no longer runs.", path, pid)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            since = " ".join(owner[2:4]) if len(owner) > 3 else "an unknown time"
+            raise OutputDirLockedError(
+                f"The output folder {output_dir} is in use by another run (pid {pid} on {owner_host}, since {since}); "
+                f"two runs in one folder overwrite each other's checkpoints. Give this run its own folder ({key}=...), "
+                f"or wait for the other run to finish. If no such run exists any more, delete {path}."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise OutputDirLockedError(f"Could not take the lock {path}: it keeps reappearing. Is another run starting?")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path, encoding="utf-8") as f:
+                if f.read() == mine:
+                    os.unlink(path)
+
+
+def _check_last_checkpoint(last: str) -> None:
+    """``--resume`` reads ``last_checkpoint``: the file it names must exist and be complete."""
+    import zipfile
+
+    folder = os.path.dirname(last)
+    with open(last, encoding="utf-8", errors="replace") as f:
+        name = f.read().strip()
+    path = os.path.join(folder, name)
+    others = sorted(n for n in os.listdir(folder) if n.endswith(".pth") and n != name)
+    fix = (
+        f"Write the name of a complete checkpoint into {last}"
+        + (f" (found: {', '.join(others[-3:])})" if others else "")
+        + " or delete it to start from the initial weights."
+    )
+    if not name or not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: {last} names {name!r}, which does not exist in {folder}. {fix}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    problem = "it is empty" if not head else None
+    if head == b"PK":  # torch.save's zip: a cut-off file lacks the central directory at its end
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            problem = f"it is truncated or corrupt: {e}"
+    if problem:
+        raise ValueError(f"--resume: {last} names {path}, but {problem}. {fix}")
 
 
 def _set(cfg: AnyConfig, lazy_key: str, yacs_key: str, value) -> None:
