@@ -160,11 +160,14 @@ class CocoResultsWriter:
 
     def add(self, file_name: str, height: int, width: int, instances, **extra) -> int:
         """Add one image and its ``Instances`` (image coordinates); returns the image id (1, 2, ...)."""
+        import torch
         from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": file_name, "height": int(height), "width": int(width), **extra})
-        instances = instances.to("cpu")
+        instances = instances.to("cpu")  # a copy
+        if instances.has("pred_masks") and isinstance(instances.pred_masks, torch.Tensor):
+            instances.pred_masks = instances.pred_masks.numpy()  # pycocotools wants numpy arrays
         for ann in instances_to_coco_json(instances, image_id):
             x, y, w, h = ann["bbox"]
             if "segmentation" in ann:

@@ -1,0 +1,197 @@
+"""tools/demo.py on folders, globs and video: COCO JSON read back with pycocotools, a video written by OpenCV read
+back frame by frame, bad files skipped, output and camera problems reported before the model is built.
+
+The demo runs in this process (``demo.main(argv)``) to avoid re-importing torch and detectron2 per run; the toy
+Mask R-CNN (MViTv2-T, short side 144) with seeded random weights keeps it fast.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+
+from mvit_det.data.toy import TOY_CLASSES, ToySpec, render_toy_image
+from mvit_det.detection.engine import build_model, load_config
+from mvit_det.detection.predictor import build_predictor
+from mvit_det.detection.runner import RunError, expand_inputs, open_camera
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = str(REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py")
+TOPK = "model.roi_heads.box_predictor.test_topk_per_image=8"
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("mvit_demo_tool", REPO / "tools" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = build_model(load_config(TOY))
+    path = tmp_path_factory.mktemp("w") / "model.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def predictor(weights):
+    return build_predictor(TOY, weights=weights, device="cpu", opts=[TOPK])
+
+
+def toy_bgr(seed: int, h: int, w: int) -> np.ndarray:
+    rgb, _ = render_toy_image(np.random.default_rng(seed), ToySpec(1, 1, h, w))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _same_detections(anns: list[dict], instances) -> None:
+    """The JSON annotations of one image are exactly ``instances`` (xyxy -> xywh, RLE masks)."""
+    assert len(anns) == len(instances) > 0
+    anns = sorted(anns, key=lambda a: -a["score"])
+    boxes = instances.pred_boxes.tensor.numpy()
+    for a, box, score, cls, mask in zip(anns, boxes, instances.scores.tolist(), instances.pred_classes.tolist(),
+                                        instances.pred_masks.numpy()):  # fmt: skip
+        x0, y0, x1, y1 = box
+        np.testing.assert_allclose(a["bbox"], [x0, y0, x1 - x0, y1 - y0], atol=1e-3)
+        assert a["score"] == pytest.approx(score, abs=1e-6)
+        assert a["category_id"] == cls + 1  # toy metadata has no dataset ids: index + 1
+        decoded = mask_util.decode(a["segmentation"])
+        assert np.array_equal(decoded.astype(bool), mask)
+        assert a["area"] == int(mask.sum()) and a["iscrowd"] == 0
+
+
+def test_folder_glob_json_pngs_and_bad_files(tmp_path, weights, predictor, capsys):
+    folder, other = tmp_path / "photos", tmp_path / "other"
+    folder.mkdir()
+    other.mkdir()
+    images = {folder / "a.png": toy_bgr(1, 120, 160), folder / "b.jpg": toy_bgr(2, 96, 150),
+              other / "c.png": toy_bgr(3, 120, 160)}  # fmt: skip
+    for path, bgr in images.items():
+        assert cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    assert cv2.imwrite(str(folder / "strip.png"), np.zeros((1, 1000, 3), np.uint8))  # too elongated for 144/320
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # a few KB on disk, 400 Mpx: PIL's decompression-bomb limit
+    missing = tmp_path / "missing.jpg"
+    out_json, out_dir = tmp_path / "res" / "out.json", tmp_path / "drawn"
+
+    rc = demo.main(["--config", TOY, "--weights", weights, "--input", str(folder), str(other / "*.png"), str(bomb),
+                    str(missing), "--json", str(out_json), "--output", str(out_dir), "--batch-size", "2",
+                    "--device", "cpu", "--confidence-threshold", "0", "--no-progress", "--opts", TOPK])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"skipped {folder / 'corrupt.jpg'}: Cannot read image" in err
+    assert f"skipped {folder / 'strip.png'}: Cannot run the detector on an image of 1x1000 pixels" in err
+    assert f"skipped {bomb}: Cannot read image {bomb}:" in err and "decompression bomb" in err
+    assert f"skipped {missing}:" in err
+    assert "4 of 7 inputs failed" in err
+
+    coco = COCO(str(out_json))  # a valid COCO file for pycocotools
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(TOY_CLASSES)
+    order = [folder / "a.png", folder / "b.jpg", other / "c.png"]
+    assert [coco.imgs[i]["file_name"] for i in sorted(coco.imgs)] == [str(p) for p in order]
+    for image_id, path in zip(sorted(coco.imgs), order):
+        bgr = cv2.imread(str(path))
+        info = coco.imgs[image_id]
+        assert (info["height"], info["width"]) == bgr.shape[:2]
+        # The file holds exactly what the predictor returns for that image (batching changes nothing).
+        _same_detections(coco.imgToAnns[image_id], predictor(bgr)["instances"])
+        drawn = cv2.imread(str(out_dir / (path.stem + ".png")))
+        assert drawn.shape == bgr.shape and not np.array_equal(drawn, bgr)
+    assert sorted(os.listdir(out_dir)) == ["a.png", "b.png", "c.png"]
+    assert sorted(os.listdir(out_json.parent)) == ["out.json"]  # no temporary file left
+
+
+def test_output_problems_fail_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    def no_model(args):
+        raise AssertionError("the model must not be built")
+
+    monkeypatch.setattr(demo, "build", no_model)
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), toy_bgr(0, 64, 64))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert demo.main(["--config", TOY, "--input", str(image), "--output", str(a_file)]) == 2
+    assert f"--output {a_file} is a file, but images are written into a folder" in capsys.readouterr().err
+    assert demo.main(["--config", TOY, "--input", str(image), "--json", str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert demo.main(["--config", TOY, "--video-input", str(tmp_path / "none.mp4"), "--output", str(tmp_path / "o.mp4")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert demo.main(["--config", TOY, "--video-input", str(image), "--output", str(tmp_path / "o.gif")]) == 2
+    assert "unsupported extension; use one of .mp4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--model", "mask_rcnn_mvitv2_t", "--input", str(image), "--json", str(tmp_path / "o.json")])
+    assert e.value.code == 2
+    assert "Did you mean 'mask_rcnn_mvitv2_t_3x'" in capsys.readouterr().err
+
+
+def test_video_round_trip(tmp_path, weights, predictor, capsys):
+    src, dst, frames_json = tmp_path / "in.avi", tmp_path / "out" / "drawn.avi", tmp_path / "frames.json"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (128, 96))
+    assert writer.isOpened()
+    for i in range(7):
+        frame = np.full((96, 128, 3), 40, np.uint8)
+        cv2.circle(frame, (30 + 10 * i, 48), 18, (0, 200, 0), -1)
+        writer.write(frame)
+    writer.release()
+
+    rc = demo.main(["--config", TOY, "--weights", weights, "--video-input", str(src), "--output", str(dst),
+                    "--json", str(frames_json), "--batch-size", "3", "--device", "cpu", "--no-progress",
+                    "--confidence-threshold", "0", "--opts", TOPK])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    cap = cv2.VideoCapture(str(dst))
+    assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)
+    read = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        read.append(frame)
+    cap.release()
+    assert len(read) == 7 and all(f.shape == (96, 128, 3) for f in read)
+
+    coco = COCO(str(frames_json))
+    assert [coco.imgs[i]["frame"] for i in sorted(coco.imgs)] == list(range(7))
+    # Frame 4 as decoded by OpenCV here gives the detections stored for it.
+    cap = cv2.VideoCapture(str(src))
+    for _ in range(5):
+        ok, frame = cap.read()
+    cap.release()
+    _same_detections(coco.imgToAnns[sorted(coco.imgs)[4]], predictor(frame)["instances"])
+    assert not np.array_equal(read[4], frame)  # the detections were drawn
+
+
+def test_webcam_errors_are_clear(monkeypatch, capsys):
+    with pytest.raises(RunError, match=r"^No camera at index 57: OpenCV could not open it"):
+        open_camera(57)
+    monkeypatch.setattr(demo, "build", lambda args: pytest.fail("the model must not be built"))
+    assert demo.main(["--config", TOY, "--webcam", "57"]) == 2
+    err = capsys.readouterr().err
+    # headless OpenCV (as installed here) has no window; with a GUI build the missing camera is reported
+    assert "has no window support" in err or "No camera at index 57" in err
+
+
+def test_expand_inputs(tmp_path):
+    (tmp_path / "d").mkdir()
+    for name in ("b.png", "a.JPG", "notes.txt"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    (tmp_path / "e1.png").write_bytes(b"")
+    (tmp_path / "e2.png").write_bytes(b"")
+    got = expand_inputs([str(tmp_path / "d"), str(tmp_path / "e*.png"), str(tmp_path / "gone.png")])
+    assert got == [str(tmp_path / "d" / "a.JPG"), str(tmp_path / "d" / "b.png"), str(tmp_path / "e1.png"),
+                   str(tmp_path / "e2.png"), str(tmp_path / "gone.png")]  # fmt: skip
+    assert json.loads(json.dumps(got)) == got
