@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "mvit_det.detection.zoo import list_detectors; print(list_detectors())')")  # fmt: skip
     model.add_argument("--config", "--config-file", dest="config_file", metavar="FILE",
                        help="a LazyConfig .py or a yacs .yaml file")  # fmt: skip
+    model.add_argument("--exported", metavar="FILE", help="a model.onnx / model.ts written by tools/export_model.py "
+                       "(run by mvit_det.detection.export.ExportedPredictor; no config needed)")  # fmt: skip
     p.add_argument("--weights", default=None, help="checkpoint path or URL (default: --model's published weights, "
                    "or the config's train.init_checkpoint / MODEL.WEIGHTS)")  # fmt: skip
     src = p.add_mutually_exclusive_group(required=True)
@@ -88,6 +90,10 @@ def build(args):
     from mvit_det.detection.predictor import build_predictor
 
     options = dict(batch_size=args.batch_size, precision=args.precision, tta=args.tta)
+    if args.exported is not None:  # the exported graph: fixed size, float32, CPU; no TTA
+        from mvit_det.detection.export import ExportedPredictor
+
+        return ExportedPredictor(args.exported)
     if args.model is not None:
         from mvit_det.detection.zoo import get_detector
 

@@ -53,25 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _zoo_card(name: str) -> tuple[str, str]:
-    """(config path, weights URL) of a zoo detector, from mvit_det.detection.zoo.get_detector_card."""
+def _zoo_model(name: str, weights: str | None) -> tuple[str, str]:
+    """(config path, weights) of a zoo detector (mvit_det.detection.zoo); without --weights its published checkpoint,
+    downloaded into the shared cache with the zoo's MD5 check."""
     try:
-        from mvit_det.detection.zoo import get_detector_card
+        from mvit_det.detection.zoo import fetch_checkpoint, get_detector_card
     except ImportError as e:
-        raise ValueError(f"--model needs mvit_det.detection.zoo, which cannot be imported ({e}); use --config.") from None
-    card = get_detector_card(name)  # raises for an unknown name, listing the known ones
-
-    def field(*keys):
-        for k in keys:
-            v = card.get(k) if isinstance(card, dict) else getattr(card, k, None)
-            if v:
-                return str(v)
-        return ""
-
-    config = field("config", "config_file")
-    if config and not os.path.isfile(config) and (REPO_ROOT / config).is_file():
-        config = str(REPO_ROOT / config)
-    return config, field("url", "weights", "weights_url")
+        raise ValueError(
+            f"--model {name} needs mvit_det.detection.zoo, which cannot be imported ({e}); use --config and --weights."
+        ) from None
+    card = get_detector_card(name)  # ValueError for an unknown name, listing the known ones
+    return str(card.config_path), weights or str(fetch_checkpoint(card.url))
 
 
 def main(argv=None) -> int:
@@ -90,13 +82,12 @@ def main(argv=None) -> int:
         except (ImageReadError, OSError) as e:
             raise ValueError(f"cannot read --sample-image {sample_path}: {e}") from None
         config, weights = args.config, args.weights
-        if args.model:
-            config, zoo_weights = _zoo_card(args.model)
-            weights = weights or zoo_weights
         from mvit_det.checkpoint import DownloadError
         from mvit_det.detection.export import ExportCheckError, export_detector, load_detector
 
         try:
+            if args.model:
+                config, weights = _zoo_model(args.model, weights)
             model, classes = load_detector(config, weights, args.opts)
         except DownloadError as e:
             raise ValueError(str(e)) from None

@@ -80,6 +80,8 @@ def load_detector(config: str, weights: str, opts: Sequence[str] = ()) -> tuple[
 
     if not weights:
         raise ValueError("No --weights given: export a trained detector checkpoint (model_final.pth or a zoo file).")
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"Checkpoint {weights} not found (relative paths are relative to {os.getcwd()}).")
     cfg = load_config(config, opts)
     _set(cfg, "train.device", "MODEL.DEVICE", "cpu")
     model = build_model(cfg).eval()
@@ -136,19 +138,32 @@ class _FixedSizePredictor:
     def _run(self, image: torch.Tensor, size: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def check(self, image: Any) -> np.ndarray:
+        """Raise ``TypeError``/``ValueError`` (with the fix) if ``image`` cannot be run; return it otherwise."""
+        from .predictor import _check_image
+
+        return _check_image(image)
+
     @torch.no_grad()
-    def __call__(self, original_image: np.ndarray) -> dict:
-        """(H, W, 3) BGR uint8 -> ``{"instances": Instances}`` (boxes, scores, classes, masks; image coordinates)."""
-        image, (h, w) = prepare_image(original_image, self.hw, self.channel_order)
+    def __call__(self, images: Union[np.ndarray, Sequence[np.ndarray]]):
+        """One (H, W, 3) BGR uint8 array -> ``{"instances": Instances}`` (boxes, scores, classes, masks; image
+        coordinates). A list of arrays -> a list of such dicts, in the same order (one graph call each)."""
+        if isinstance(images, (list, tuple)):
+            return [self(im) for im in images]
+        image, (h, w) = prepare_image(self.check(images), self.hw, self.channel_order)
         outputs = self._run(image, torch.tensor([h, w]))
-        fields = {}
-        for name, value in zip(self.output_names, outputs):
-            value = torch.as_tensor(value)
-            fields[name] = Boxes(value) if name == "pred_boxes" else value
-        fields.pop(_SIZE_OUTPUT, None)
-        result = Instances((h, w), **fields)
-        height, width = original_image.shape[:2]
-        return {"instances": detector_postprocess(result, height, width)}
+        return {"instances": _to_instances(self.output_names, outputs, (h, w), images.shape[:2])}
+
+
+def _to_instances(names: Sequence[str], outputs: Sequence[Any], resized_hw: tuple[int, int],
+                  original_hw: tuple[int, int]) -> Instances:  # fmt: skip
+    """The graph's outputs -> Instances in the coordinates of the original image (detector_postprocess)."""
+    fields = {}
+    for name, value in zip(names, outputs):
+        value = torch.as_tensor(value)
+        fields[name] = Boxes(value) if name == "pred_boxes" else value
+    fields.pop(_SIZE_OUTPUT, None)
+    return detector_postprocess(Instances(resized_hw, **fields), *original_hw)
 
 
 class PyTorchFixedSizePredictor(_FixedSizePredictor):
@@ -281,8 +296,9 @@ def check_differences(diffs: dict[str, Any], tolerance: dict[str, float] = TOLER
 
 # -- exporting -----------------------------------------------------------------------------------------------------
 def _write_graph(model: GeneralizedRCNN, fmt: str, image: torch.Tensor, size: torch.Tensor, dest: Path,
-                 opset: int) -> list[str]:  # fmt: skip
-    """Trace ``model`` (through TracingAdapter) on one input and write it to ``dest``; return the output names."""
+                 opset: int) -> tuple[list[str], tuple[torch.Tensor, ...]]:  # fmt: skip
+    """Trace ``model`` (through TracingAdapter) on one input and write it to ``dest``; return the output names and
+    the eager PyTorch outputs on that input (the reference of the check)."""
     from detectron2.export import TracingAdapter
 
     adapter = TracingAdapter(model, (image, size), inference_func=graph_inference).eval()  # export restores it
@@ -291,7 +307,7 @@ def _write_graph(model: GeneralizedRCNN, fmt: str, image: torch.Tensor, size: to
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript-based ONNX exporter, on purpose
         warnings.simplefilter("ignore", UserWarning)
-        adapter(image, size)  # fills adapter.outputs_schema
+        reference = adapter(image, size)  # eager PyTorch; also fills adapter.outputs_schema
         names = list(adapter.outputs_schema.keys) + [_SIZE_OUTPUT]
         if fmt == "torchscript":
             traced = torch.jit.trace(adapter, (image, size), check_trace=False)
@@ -302,15 +318,17 @@ def _write_graph(model: GeneralizedRCNN, fmt: str, image: torch.Tensor, size: to
                 dynamic_axes={n: {0: "detections"} for n in names if n != _SIZE_OUTPUT}, opset_version=opset,
                 dynamo=False,
             )  # fmt: skip
-    return names
+    return names, reference
 
 
 def export_detector(model: GeneralizedRCNN, fmt: str, output_dir: Union[str, os.PathLike], sample: np.ndarray,
                     hw: Sequence[int], class_names: Optional[list[str]] = None, opset: int = 18,
-                    info: Optional[dict] = None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+                    info: Optional[dict] = None, tolerance: Optional[dict] = None,
+                    ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Export ``model`` to ``output_dir/model.onnx`` or ``model.ts`` (+ ``.json``), check it on ``sample`` (BGR
-    uint8) against PyTorch and return (path, differences). The files appear only when the check passes; on any
-    failure nothing is left behind. Raises :class:`ExportCheckError` when the check fails."""
+    uint8) against PyTorch (the eager run of the trace) and return (path, differences). The files appear only when
+    the check passes (``tolerance``: default :data:`TOLERANCE`); on any failure nothing is left behind. Raises
+    :class:`ExportCheckError` when the check fails."""
     if fmt not in FORMATS:
         raise ValueError(f"Unsupported export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     out_dir = Path(output_dir).expanduser()
@@ -319,19 +337,19 @@ def export_detector(model: GeneralizedRCNN, fmt: str, output_dir: Union[str, os.
     out_dir.mkdir(parents=True, exist_ok=True)
     hw = (int(hw[0]), int(hw[1]))
     model = model.eval()
-    reference = PyTorchFixedSizePredictor(model, hw, class_names)
-    image, (h, w) = prepare_image(sample, hw, reference.channel_order)
+    channel_order = str(model.input_format)
+    image, (h, w) = prepare_image(sample, hw, channel_order)
 
     dest = out_dir / FORMATS[fmt]
     tmp_model, tmp_meta = temp_name(dest), temp_name(_meta_path(dest))
     try:
         t0 = time.perf_counter()
-        names = _write_graph(model, fmt, image, torch.tensor([h, w]), tmp_model, opset)
+        names, ref_outputs = _write_graph(model, fmt, image, torch.tensor([h, w]), tmp_model, opset)
         seconds = time.perf_counter() - t0
         meta = {
             "version": _META_VERSION, "format": fmt, "file": dest.name, "file_bytes": tmp_model.stat().st_size,
             "input": {
-                "names": ["image", "image_size"], "size_hw": list(hw), "channel_order": reference.channel_order,
+                "names": ["image", "image_size"], "size_hw": list(hw), "channel_order": channel_order,
                 "layout": "image: float32 (3, H, W), 0..255; image_size: int64 (2,) = (h, w) of the real image",
                 "resize": "scale min(H/height, W/width), PIL bilinear (detectron2 ResizeTransform), top-left, zero "
                           "padding bottom/right; normalisation inside the graph",
@@ -342,9 +360,10 @@ def export_detector(model: GeneralizedRCNN, fmt: str, output_dir: Union[str, os.
         }  # fmt: skip
         tmp_meta.write_text(json.dumps(meta, indent=1))
         exported = ExportedPredictor(tmp_model, _meta_file=tmp_meta)
-        diffs = compare_instances(exported(sample)["instances"], reference(sample)["instances"])
+        reference = _to_instances(names, ref_outputs, (h, w), sample.shape[:2])
+        diffs = compare_instances(exported(sample)["instances"], reference)
         diffs["export_seconds"] = seconds
-        check_differences(diffs)
+        check_differences(diffs, tolerance or TOLERANCE)
         os.replace(tmp_model, dest)
         os.replace(tmp_meta, _meta_path(dest))
     finally:
