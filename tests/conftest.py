@@ -46,3 +46,18 @@ def ckpt_hub_dir(tmp_path):
         yield hub / "checkpoints"
     finally:
         torch.hub.set_dir(old)
+
+
+# ---- issue 17 robustness (test_robustness_security.py, test_robustness_dataloss.py) ----------------
+@pytest.fixture(scope="session")
+def mini_detector() -> nn.Module:
+    """The smallest detector-shaped model for checkpointer tests: an MViTv2-T trunk at ``backbone.bottom_up``
+    (detectron2's FPN layout) and one head layer (``roi_heads``). Tests may change its weights."""
+    from mvit_det.detection import MViTv2Backbone
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = nn.Module()
+    model.backbone.bottom_up = MViTv2Backbone("tiny")
+    model.roi_heads = nn.Linear(4, 3)
+    return model

@@ -24,7 +24,9 @@ def _case_rows() -> list[tuple[str, str]]:
 
 def test_every_case_row_names_tests_that_exist():
     rows = _case_rows()
-    assert {s for s, _ in rows} == {"Checkpoints", "Images", "Tensors and precision", "Training", "Datasets", "Configs"}
+    assert {s for s, _ in rows} == {
+        "Checkpoints", "Images", "Tensors and precision", "Training", "Datasets", "Configs", "Files written"
+    }
     assert len(rows) > 60
     for section, cell in rows:
         refs, current = [], None

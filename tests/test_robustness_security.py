@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ pytest.importorskip("detectron2")
 from mvit_det.checkpoint import DownloadError, download, read_checkpoint  # noqa: E402
 from mvit_det.checkpoint.io import cache_path  # noqa: E402
 from mvit_det.classification.evaluate import ModelSpecError, load_model_config  # noqa: E402
-from mvit_det.detection import MViTv2Backbone, MViTv2Checkpointer  # noqa: E402
+from mvit_det.detection import MViTv2Checkpointer  # noqa: E402
 from mvit_det.detection.engine import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,26 +79,10 @@ def test_model_config_yaml_with_a_python_tag_is_refused(tmp_path):
 
 
 # -- weights_only ----------------------------------------------------------------------------------------------
-class _Detector(nn.Module):
-    """The smallest detector-shaped model: an MViTv2-T trunk at ``backbone.bottom_up`` and one head layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = nn.Module()
-        self.backbone.bottom_up = MViTv2Backbone("tiny")
-        self.roi_heads = nn.Linear(4, 3)
-
-
 @pytest.fixture(scope="module")
-def detector() -> _Detector:
-    torch.manual_seed(3)
-    return _Detector()
-
-
-@pytest.fixture(scope="module")
-def detector_weights(detector) -> dict:
+def detector_weights(mini_detector) -> dict:
     """Weights that differ from the model's own (so that a load is visible)."""
-    return {k: v + 0.5 if v.is_floating_point() else v.clone() for k, v in detector.state_dict().items()}
+    return {k: v + 0.5 if v.is_floating_point() else v.clone() for k, v in mini_detector.state_dict().items()}
 
 
 def _equal(model: nn.Module, sd: dict) -> bool:
@@ -114,7 +97,8 @@ class _Boom:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_detectron2_pkl_renamed_to_pth_loads_and_pickled_code_never_runs(detector, detector_weights, tmp_path):
+def test_detectron2_pkl_renamed_to_pth_loads_and_pickled_code_never_runs(mini_detector, detector_weights, tmp_path):
+    detector = mini_detector
     zoo = {"model": {k: v.numpy() for k, v in detector_weights.items()}, "__author__": "Detectron2 Model Zoo"}
     renamed = tmp_path / "model_final.pth"  # a detectron2 model-zoo .pkl (numpy arrays), renamed
     renamed.write_bytes(pickle.dumps(zoo, protocol=2))
@@ -244,7 +228,8 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_offline_urls_get_the_download_it_yourself_hint(detector, monkeypatch, tmp_path):
+def test_offline_urls_get_the_download_it_yourself_hint(mini_detector, monkeypatch, tmp_path):
+    detector = mini_detector
     from detectron2.utils.file_io import Detectron2Handler
 
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "iopath"))
