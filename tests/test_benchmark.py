@@ -76,6 +76,10 @@ def test_report_structure(scaling_report):
     for key in keys:
         assert hw[key], key
     assert hw["torch_threads"] == 2  # the CPU default
+    # Figures say which CPU they come from (issue 11): ISA, native bf16, and what a plain GEMM reaches here.
+    assert hw["cpu_isa"] in ("AVX2", "AVX-512", "AMX", "other") and hw["torch_cpu_capability"]
+    assert isinstance(hw["native_bf16"], bool)
+    assert 1 < hw["gemm_fp32_gflops"] < 1e5
     assert isinstance(scaling_report["noisy"], bool)
     cls_run, det_run = scaling_report["runs"]
     assert cls_run["task"] == "cls" and det_run["task"] == "det-backbone"
@@ -108,6 +112,10 @@ def test_markdown_tables(scaling_report):
         "| implementation | img/s | p50 ms | p90 ms | p99 ms | peak mem MB | max rel diff fp32 | speed-up of ours |"
     )
     assert header in single
+    assert "GFLOP/s (% of fp32 mm) |" in single
+    assert f"CPU {scaling_report['hardware']['cpu_model']}: " in single and "fp32 2048x2048 torch.mm" in single
+    ours_row = next(line for line in single.splitlines() if line.startswith("| mvit-det (ours) |"))
+    assert ours_row.rstrip(" |").endswith("%)")  # model GFLOP/s as a share of the measured GEMM rate
     assert "| mvit-det (ours) |" in single and "| timm 1." in single and "| detectron2 " in single
 
 

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mvit_det.models.fastpath import cpu_info
 from mvit_det.utils.cli import parse_img_size
 from mvit_det.utils.references import max_rel_diff
 
@@ -159,16 +160,6 @@ def load_warning(threads: Optional[int]) -> Optional[str]:
     return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> Optional[str]:
     try:
         run = dict(cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -181,17 +172,34 @@ def _git_commit() -> Optional[str]:
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def gemm_gflops(device: str, n: int = 2048, repeats: int = 7) -> float:
+    """Median GFLOP/s of an fp32 (n x n) @ (n x n) ``torch.mm`` (2 n^3 FLOPs): what this machine can do."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    times = []
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times)) / 1e9
+
+
 def hardware_info(device: str) -> dict[str, Any]:
     """Machine, library versions and date, stored with every result."""
     from mvit_det.utils.references import reference_version
 
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        **{k: v for k, v in cpu_info().items() if k not in ("torch", "threads")},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_info()["cpu_model"],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -819,7 +827,9 @@ def _version(name: str, hw: dict[str, Any]) -> str:
 def run_markdown(run: dict[str, Any], hw: dict[str, Any]) -> str:
     dtype = run["settings"]["dtype"]
     diff_cols = ["max rel diff fp32"] + ([f"max rel diff {dtype}"] if dtype != "fp32" else [])
-    head = ["implementation", "img/s", "p50 ms", "p90 ms", "p99 ms", "peak mem MB", *diff_cols, "speed-up of ours"]
+    head = ["implementation", "img/s", "p50 ms", "p90 ms", "p99 ms", "peak mem MB", *diff_cols, "speed-up of ours",
+            "GFLOP/s (% of fp32 mm)"]
+    gemm = hw.get("gemm_fp32_gflops")
     fresh = run.get("fresh_process_memory")
     if fresh:
         head.insert(6, "fresh-process peak MB")
@@ -838,6 +848,10 @@ def run_markdown(run: dict[str, Any], hw: dict[str, Any]) -> str:
             cells.append(_fmt(fresh.get(m["name"]), ".0f"))
         cells += [_fmt(diffs.get(d), ".1e") for d in (["fp32"] + ([dtype] if dtype != "fp32" else []))]
         cells.append("1.00 (ref.)" if m["name"] == OURS else f"{m['ours_speedup']:.2f}x")
+        # The same network whoever implements it: 2 FLOPs per multiply-accumulate of ours.
+        rate = None if run["gflops_per_image"] is None else 2 * run["gflops_per_image"] * m["images_per_s"]
+        share = f" ({100 * rate / gemm:.0f}%)" if rate is not None and gemm else ""
+        cells.append(_fmt(rate, ".3g") + share)
         lines.append("| " + " | ".join(cells) + " |")
     gf = run["gflops_per_image"]
     lines += [
@@ -903,6 +917,11 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{hw['device_name']} ({hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads), torch {hw['torch']}, "
         f"python {hw['python']}, mvit-det {hw['mvit_det_commit'] or 'unknown commit'}",
         "",
+        f"CPU {hw['cpu_model']}: {hw['cpu_isa']}, torch kernels {hw['torch_cpu_capability']}"
+        + (f" (ONEDNN_MAX_CPU_ISA={hw['onednn_max_cpu_isa']})" if hw.get("onednn_max_cpu_isa") else "")
+        + f", native bf16 {'yes' if hw['native_bf16'] else 'no'}; fp32 2048x2048 torch.mm "
+        f"{_fmt(hw.get('gemm_fp32_gflops'), '.0f')} GFLOP/s ({hw['device']}).",
+        "",
     ]
     if report["mode"] == "scaling":
         lines.append(scaling_markdown(report["runs"]))
@@ -922,6 +941,9 @@ def run_report(settings: Sequence[Settings], mode: str = "single") -> dict[str, 
     s0 = settings[0]
     early = load_warning(s0.threads if s0.device == "cpu" else None)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if s0.device == "cpu" and s0.threads:
+        torch.set_num_threads(s0.threads)
+    gemm = gemm_gflops(s0.device)
     runs = []
     for i, s in enumerate(settings):
         desc = f"[{i + 1}/{len(settings)}] {s.task} {s.img_size[0]}x{s.img_size[1]}" if len(settings) > 1 else s.task
@@ -930,7 +952,7 @@ def run_report(settings: Sequence[Settings], mode: str = "single") -> dict[str, 
     warnings += [f"{r['task']} {r['settings']['img_size']}: {w}" for r in runs for w in r["warnings"]]
     return {
         "mode": mode,
-        "hardware": {**hardware_info(s0.device), "load_average_1min_before": load_before},
+        "hardware": {**hardware_info(s0.device), "gemm_fp32_gflops": gemm, "load_average_1min_before": load_before},
         "runs": runs,
         "load_warning": early,
         "warnings": warnings,
