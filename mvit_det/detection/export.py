@@ -78,11 +78,11 @@ def load_detector(config: str, weights: str, opts: Sequence[str] = ()) -> tuple[
     from .engine import _set, build_model, is_lazy, load_config
     from .predictor import dataset_metadata
 
+    cfg = load_config(config, opts)
     if not weights:
         raise ValueError("No --weights given: export a trained detector checkpoint (model_final.pth or a zoo file).")
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"Checkpoint {weights} not found (relative paths are relative to {os.getcwd()}).")
-    cfg = load_config(config, opts)
     _set(cfg, "train.device", "MODEL.DEVICE", "cpu")
     model = build_model(cfg).eval()
     if not isinstance(model, GeneralizedRCNN):
