@@ -172,10 +172,10 @@ def fetch_checkpoint(url: str, *, progress: bool = True) -> Path:
     check the MD5 prefix in its file name. A fresh download with the wrong hash is removed from the cache; a wrong
     file already in the cache is refused with its path."""
     from ..checkpoint import DownloadError, download
-    from ..checkpoint.io import default_cache_dir
+    from ..checkpoint.io import cache_path
 
     name = url.rsplit("/", 1)[-1].split("?", 1)[0]
-    cached = (default_cache_dir() / name).is_file()
+    cached = cache_path(url).is_file()
     path = Path(download(url, progress=progress))
     m = re.search(r"_([0-9a-f]{6,32})\.pkl$", name)
     if m is not None:
