@@ -1,8 +1,11 @@
-"""The built-in toy shapes dataset: deterministic, valid COCO, consistent masks/boxes, atomic, registered."""
+"""The built-in toy shapes dataset: deterministic, valid COCO, consistent masks/boxes, atomic, registered on import."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +21,10 @@ from mvit_det.data.toy import (  # noqa: E402
     TOY_DATASET_NAMES,
     ToySpec,
     generate_toy_dataset,
-    register_datasets_for,
     register_toy_dataset,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = ToySpec(num_train=12, num_val=4, height=96, width=128)
 
 
@@ -132,7 +135,10 @@ def test_spec_validation():
 
 @pytest.fixture
 def clean_catalog():
+    """Unregister the toy names for the test, and register them again (as the import did) afterwards."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from mvit_det.detection.builtin_datasets import register_all_builtin
 
     def clear():
         for name in TOY_DATASET_NAMES:
@@ -143,28 +149,73 @@ def clean_catalog():
     clear()
     yield
     clear()
+    register_all_builtin()
 
 
-def test_register_is_idempotent_and_checks_root(tmp_path, clean_catalog):
+def test_register_is_lazy_idempotent_and_checks_root(tmp_path, clean_catalog):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     paths = register_toy_dataset(tmp_path)
     assert set(paths) == set(TOY_DATASET_NAMES)
-    assert register_toy_dataset(tmp_path) == paths  # second call: no error, no regeneration
-    for name in TOY_DATASET_NAMES:
+    assert not (tmp_path / "mvit_toy").exists()  # registering generates nothing
+    for name in TOY_DATASET_NAMES:  # the metadata is complete before the data exist
         meta = MetadataCatalog.get(name)
         assert meta.thing_classes == list(TOY_CLASSES)
-        assert meta.evaluator_type == "coco"
-    assert len(DatasetCatalog.get("mvit_toy_train")) == 200
+        assert len(meta.thing_colors) == len(TOY_CLASSES)
+        assert meta.evaluator_type == "coco" and meta.json_file == paths[name]
+    assert len(DatasetCatalog.get("mvit_toy_train")) == 200  # the first get generates the set
+    assert (tmp_path / "mvit_toy" / "DONE").is_file() and Path(paths["mvit_toy_train"]).is_file()
+    assert register_toy_dataset(tmp_path) == paths  # second call: no error, no regeneration
     val = DatasetCatalog.get("mvit_toy_val")
     assert len(val) == 50 and val[0]["height"] == 256 and val[0]["width"] == 320
+    assert MetadataCatalog.get("mvit_toy_val").thing_classes == list(TOY_CLASSES)  # loading kept it consistent
     with pytest.raises(ValueError, match="already registered"):
         register_toy_dataset(tmp_path / "elsewhere")
 
 
-def test_register_datasets_for(tmp_path, monkeypatch, clean_catalog):
-    monkeypatch.setenv("MVIT_DET_DATASETS", str(tmp_path))
-    register_datasets_for(["mvit_toy_val"])
-    assert (tmp_path / "mvit_toy" / "DONE").is_file()
-    with pytest.raises(KeyError, match="register_coco_instances"):
-        register_datasets_for(["no_such_dataset"])
+def test_check_datasets_registered_names_the_missing_ones():
+    from mvit_det.data import check_datasets_registered
+
+    check_datasets_registered(["mvit_toy_train", "mvit_toy_val"])  # registered by importing mvit_det.detection
+    with pytest.raises(KeyError, match=r"\['no_such_dataset'\] are not registered.*register_coco_instances"):
+        check_datasets_registered(["mvit_toy_val", "no_such_dataset"])
+
+
+IMPORT_ONLY = """
+import json, os, sys
+from detectron2.data import DatasetCatalog, MetadataCatalog
+before = [n for n in DatasetCatalog.list() if n.startswith("mvit_toy")]
+import mvit_det.detection  # the only thing that registers the toy set in this process
+root = os.path.join(os.environ["MVIT_DET_DATASETS"], "mvit_toy")
+report = {"before": before, "after": [n for n in DatasetCatalog.list() if n.startswith("mvit_toy")],
+          "exists_after_import": os.path.exists(root),
+          "classes": MetadataCatalog.get("mvit_toy_val").thing_classes}
+if sys.argv[1] == "get":
+    report["val"] = len(DatasetCatalog.get("mvit_toy_val"))
+    report["done"] = os.path.isfile(os.path.join(root, "DONE"))
+    report["left"] = sorted(os.listdir(os.environ["MVIT_DET_DATASETS"]))
+print("REPORT", json.dumps(report))
+"""
+
+
+def _import_only(root: Path, mode: str, timeout: int = 600) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), MVIT_DET_DATASETS=str(root), PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ONLY, mode], env=env, cwd=str(root.parent),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert line, proc.stdout[-2000:]
+    return json.loads(line[-1][len("REPORT "):])
+
+
+@pytest.mark.slow
+def test_import_registers_and_first_get_generates(tmp_path):
+    """detectron2's pattern in a fresh process: import registers (nothing on disk), the first get generates."""
+    root = tmp_path / "datasets"
+    report = _import_only(root, "import")
+    assert report["before"] == [] and report["after"] == list(TOY_DATASET_NAMES)
+    assert report["exists_after_import"] is False and report["classes"] == list(TOY_CLASSES)
+    assert not root.exists()
+    report = _import_only(root, "get")
+    assert report["val"] == 50 and report["done"] is True
+    assert report["left"] == ["mvit_toy"]  # no temporary folder is left beside it

@@ -6,7 +6,8 @@
     python tools/main_job.py --output-dir /tmp/run
 
 Steps:
-1. generate (first run only) and register the built-in toy shapes dataset (``mvit_toy_train``/``mvit_toy_val``);
+1. load the built-in toy shapes dataset (``mvit_toy_train``/``mvit_toy_val``, registered by ``import mvit_det.detection``,
+   generated on first use);
 2. build Mask R-CNN with an MViTv2-T backbone from ``configs/toy/mvitv2_t_maskrcnn_toy.py``. No ImageNet weights
    can be downloaded here, so every weight, the backbone's included, is randomly initialised;
 3. evaluate box and mask AP on the toy val set before training;
@@ -33,7 +34,6 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from mvit_det.data.images import load_image  # noqa: E402
-from mvit_det.data.toy import register_toy_dataset  # noqa: E402
 from mvit_det.detection.engine import (  # noqa: E402
     build_model,
     do_test,
@@ -98,12 +98,12 @@ def main(argv=None) -> int:
     setup_run(cfg, argparse.Namespace(config_file=args.config, eval_only=False, main_job=vars(args)))
     log = logging.getLogger("mvit_det.main_job")
 
-    t0 = time.perf_counter()
-    paths = register_toy_dataset()
-    log.info("Toy dataset ready in %.1f s: %s", time.perf_counter() - t0, paths)
     cfg = prepare_config(cfg)
     s = run_settings(cfg)
     val = s.test_datasets[0]
+    t0 = time.perf_counter()
+    num_images = {name: len(DatasetCatalog.get(name)) for name in s.train_datasets + s.test_datasets}
+    log.info("Datasets ready in %.1f s (the toy set is generated on first use): %s", time.perf_counter() - t0, num_images)
 
     model = build_model(cfg)  # random initialisation (train.init_checkpoint is empty in the toy config)
     t0 = time.perf_counter()
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     learned = summary["box_AP_after"] > summary["box_AP_before"] + 1.0
     print("\n==== mvit-det main job summary ====")
     print(f"model        : Mask R-CNN, MViTv2-T backbone, random init (no pretrained weights offline), {s.device}")
-    print(f"training     : {s.max_iter} iterations at batch {summary['batch_size']} on {len(DatasetCatalog.get(s.train_datasets[0]))} toy images")
+    print(f"training     : {s.max_iter} iterations at batch {summary['batch_size']} on {num_images[s.train_datasets[0]]} toy images")
     print(f"box  AP      : {summary['box_AP_before']:6.2f} (untrained) -> {summary['box_AP_after']:6.2f} (trained), AP50 {summary['box_AP50_after']:.2f}")
     print(f"mask AP      : {summary['mask_AP_before']:6.2f} (untrained) -> {summary['mask_AP_after']:6.2f} (trained), AP50 {summary['mask_AP50_after']:.2f}")
     print(f"wall time    : {summary['total_s']:.0f} s (eval before {summary['eval_before_s']:.0f} s, train + eval {summary['train_and_eval_s']:.0f} s)")

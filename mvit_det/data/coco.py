@@ -28,9 +28,9 @@ import json
 import logging
 import os
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-__all__ = ["load_coco_instances", "register_coco_instances"]
+__all__ = ["check_datasets_registered", "load_coco_instances", "register_coco_instances"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,3 +161,23 @@ def register_coco_instances(name: str, metadata: dict[str, Any], json_file: str,
     _check_paths(json_file, image_root, name)
     DatasetCatalog.register(name, lambda: load_coco_instances(json_file, image_root, name))
     MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata)
+
+
+def check_datasets_registered(names: Iterable[str]) -> None:
+    """Raise ``KeyError`` naming every dataset in ``names`` that ``DatasetCatalog`` does not know, with the fix.
+
+    Called before a loader is built, so that a typo fails with the list of registered names instead of deep inside
+    detectron2. Builtin datasets (detectron2's, and this package's toy set) are registered on import.
+    """
+    from detectron2.data import DatasetCatalog
+
+    names = [names] if isinstance(names, str) else list(names)
+    registered = DatasetCatalog.list()
+    missing = [n for n in names if n not in registered]
+    if missing:
+        raise KeyError(
+            f"Dataset(s) {missing} are not registered. Register a COCO-format set before building the loader, e.g. "
+            "mvit_det.data.register_coco_instances(name, {}, 'path/to/instances.json', 'path/to/images') (or "
+            "tools/train_net.py --register-coco NAME JSON IMAGES), or use the built-in toy set ('mvit_toy_train', "
+            f"'mvit_toy_val', registered by import mvit_det.detection). Registered: {sorted(registered)[:20]}..."
+        )

@@ -6,10 +6,13 @@ shapes of three classes (circle, square, triangle) with random colours, sizes, r
 overlap; later shapes occlude earlier ones, and every annotation describes the *visible* part (box, polygons, area),
 so an occluded object can have a mask of several polygons. Each object keeps at least 60% of its area visible.
 
-The set is generated deterministically from a seed (same bytes every time on the same OpenCV build) into
-``<root>/mvit_toy`` on first use. ``<root>`` is ``$MVIT_DET_DATASETS`` if set, else ``datasets/`` in the source
-checkout (or in the current directory when the package is installed elsewhere). Generation writes into a temporary
-directory and renames it into place, so an interrupted run never leaves a half-written dataset behind.
+``import mvit_det.detection`` (and so loading any config of this repository) registers ``mvit_toy_train`` and
+``mvit_toy_val`` the way detectron2 registers its builtin datasets: names and metadata at import, data on first use.
+The first ``DatasetCatalog.get`` generates the set deterministically from a seed (same bytes every time on the same
+OpenCV build) into ``<root>/mvit_toy``, where later runs find it. ``<root>`` is ``$MVIT_DET_DATASETS`` if set (read
+at import), else ``datasets/`` in the source checkout (or in the current directory when the package is installed
+elsewhere). Generation writes into a temporary directory and renames it into place, so an interrupted run never
+leaves a half-written dataset behind.
 
 Layout::
 
@@ -23,13 +26,13 @@ Registered names: ``mvit_toy_train`` (200 images) and ``mvit_toy_val`` (50 image
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -41,7 +44,6 @@ __all__ = [
     "default_datasets_root",
     "generate_toy_dataset",
     "register_toy_dataset",
-    "register_datasets_for",
 ]
 
 TOY_CLASSES = ("circle", "square", "triangle")
@@ -251,61 +253,55 @@ def generate_toy_dataset(out_dir: str | os.PathLike, spec: ToySpec = ToySpec()) 
     return out
 
 
+def _load_split(base: Path, split: str, name: str) -> list[dict]:
+    """The ``DatasetCatalog`` loader of one toy split: generate the set on first use, then read it checked."""
+    from .coco import load_coco_instances
+
+    generate_toy_dataset(base)  # returns at once when an identical set is already on disk
+    return load_coco_instances(
+        str(base / "annotations" / f"instances_{split}.json"), str(base / split), dataset_name=name
+    )
+
+
 def register_toy_dataset(root: str | os.PathLike | None = None) -> dict[str, str]:
-    """Generate (if needed) and register ``mvit_toy_train`` and ``mvit_toy_val``; safe to call repeatedly.
+    """Register ``mvit_toy_train`` and ``mvit_toy_val`` the way detectron2 registers its builtin datasets.
+
+    Nothing is generated here: the images are rendered on the first ``DatasetCatalog.get(name)`` (and kept on disk
+    for later runs). The metadata is complete at once (``thing_classes``, ``thing_colors``, ``json_file``,
+    ``image_root``, ``evaluator_type="coco"``), so a predictor or visualiser can label detections without the data.
+    ``import mvit_det.detection`` calls this with the default root; calling it again with the same root is a no-op.
 
     Args:
         root: the datasets root; the set lives in ``<root>/mvit_toy``. Default: ``default_datasets_root()``.
 
     Returns:
-        ``{dataset name: annotation json path}``.
+        ``{dataset name: annotation json path}`` (the files exist once the dataset has been loaded).
 
     Raises:
         ValueError: the names are already registered for a different location.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
 
-    base = (Path(root).expanduser() if root is not None else default_datasets_root()) / _DIRNAME
+    base = ((Path(root).expanduser() if root is not None else default_datasets_root()) / _DIRNAME).resolve()
     out = {}
     for name, split in zip(TOY_DATASET_NAMES, ("train", "val")):
-        json_file = str((base / "annotations" / f"instances_{split}.json").resolve())
-        image_root = str((base / split).resolve())
+        json_file = str(base / "annotations" / f"instances_{split}.json")
         out[name] = json_file
         if name in DatasetCatalog.list():
             registered = MetadataCatalog.get(name).get("json_file", None)
             if registered != json_file:
                 raise ValueError(
                     f"Dataset {name!r} is already registered with json_file={registered!r}, not {json_file!r}. "
-                    "Call register_toy_dataset() once per process with a single root."
+                    "import mvit_det.detection registers the toy set under $MVIT_DET_DATASETS (else datasets/); "
+                    "set that variable before the import instead of registering a second root."
                 )
             continue
-        generate_toy_dataset(base)
-        register_coco_instances(
-            name,
-            {"thing_classes": list(TOY_CLASSES), "thing_colors": [list(c) for c in TOY_COLORS]},
-            json_file,
-            image_root,
+        DatasetCatalog.register(name, functools.partial(_load_split, base, split, name))
+        MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=str(base / split),
+            evaluator_type="coco",
+            thing_classes=list(TOY_CLASSES),
+            thing_colors=[list(c) for c in TOY_COLORS],
         )
     return out
-
-
-def register_datasets_for(names: Iterable[str]) -> None:
-    """Make sure every dataset in ``names`` is registered, registering the built-in toy set on demand.
-
-    Raises:
-        KeyError: a name is neither registered nor built in; the message says how to register it.
-    """
-    from detectron2.data import DatasetCatalog
-
-    names = [names] if isinstance(names, str) else list(names)
-    if any(n in TOY_DATASET_NAMES for n in names):
-        register_toy_dataset()
-    missing = [n for n in names if n not in DatasetCatalog.list()]
-    if missing:
-        raise KeyError(
-            f"Dataset(s) {missing} are not registered. Register a COCO-format set before building the loader, e.g. "
-            "detectron2.data.datasets.register_coco_instances(name, {}, 'path/to/instances.json', 'path/to/images'), "
-            "or use the built-in toy set ('mvit_toy_train', 'mvit_toy_val'). "
-            f"Registered: {sorted(DatasetCatalog.list())[:20]}..."
-        )

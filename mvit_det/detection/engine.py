@@ -43,7 +43,7 @@ from detectron2.engine import SimpleTrainer, create_ddp_model, default_writers, 
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..data.toy import register_datasets_for
+from ..data.coco import check_datasets_registered
 from .checkpoint import MViTv2Checkpointer
 from .resume import TrainLoaderState, remove_unfinished_checkpoints
 
@@ -444,7 +444,7 @@ def prepare_config(cfg: AnyConfig) -> AnyConfig:
     """Adapt a config to the machine it runs on, logging every change.
 
     * no CUDA: device ``cpu`` and AMP off (detectron2's AMP needs CUDA);
-    * the built-in toy datasets are generated and registered when the config names them;
+    * every dataset the config names must be registered (the built-in toy sets are, by ``import mvit_det.detection``);
     * LazyConfig on a CPU: DDP fp16 gradient compression off (gloo has no use for it).
     """
     s = run_settings(cfg)
@@ -457,7 +457,7 @@ def prepare_config(cfg: AnyConfig) -> AnyConfig:
             _set(cfg, "train.amp.enabled", "SOLVER.AMP.ENABLED", False)
         if is_lazy(cfg) and cfg.train.get("ddp", {}).get("fp16_compression", False):
             cfg.train.ddp.fp16_compression = False
-    register_datasets_for(s.train_datasets + s.test_datasets)
+    check_datasets_registered(s.train_datasets + s.test_datasets)
     if not s.init_checkpoint:
         logger.warning(
             "No initial weights (%s is empty): the whole detector, backbone included, starts from random "

@@ -57,10 +57,9 @@ def dataset_metadata(names: Union[str, Sequence[str]]) -> Metadata:
     """Metadata (class names, colours) of the first dataset in ``names`` that is known.
 
     A registered dataset gives its ``MetadataCatalog`` entry (class names read from its COCO json if it was not
-    loaded yet). The built-in toy names give the toy classes without generating the data. Otherwise an empty ``Metadata``: the Visualizer then labels detections by class index.
+    loaded yet; the built-in toy sets carry theirs from registration). Otherwise an empty ``Metadata``: the
+    Visualizer then labels detections by class index.
     """
-    from ..data.toy import TOY_CLASSES, TOY_COLORS, TOY_DATASET_NAMES
-
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
         if name in DatasetCatalog.list():
@@ -71,8 +70,6 @@ def dataset_metadata(names: Union[str, Sequence[str]]) -> Metadata:
                     cats = sorted(json.load(f)["categories"], key=lambda c: c["id"])
                 return Metadata(name=name, thing_classes=[c["name"] for c in cats])
             return meta
-        if name in TOY_DATASET_NAMES:
-            return Metadata(name=name, thing_classes=list(TOY_CLASSES), thing_colors=[list(c) for c in TOY_COLORS])
     return Metadata(name="unregistered")
 
 
