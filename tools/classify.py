@@ -28,6 +28,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 import torch
 
 from mvit_det import get_model, inference_model, list_models
+from mvit_det.checkpoint.described import describes_itself
 from mvit_det.data import ImageReadError
 
 DEMO_DIR = REPO_ROOT / "demo"
@@ -37,10 +38,12 @@ DEFAULT_MODEL = "mvitv2-tiny_3rdparty_in1k"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="*", type=Path, help=f"image files (default: {DEMO_DIR}/*.jpg)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list_models(), metavar="NAME",
-                        help=f"one of: {', '.join(list_models())} (default: %(default)s)")
+    parser.add_argument("--model", choices=list_models(), metavar="NAME",
+                        help=f"one of: {', '.join(list_models())} (default: the one a self-describing --weights "
+                             f"file names, else {DEFAULT_MODEL})")
     parser.add_argument("--weights", metavar="PATH_OR_URL",
-                        help="checkpoint to load instead of the published one (any supported format)")
+                        help="checkpoint to load instead of the published one (any supported format); one written "
+                             "by tools/cls_train.py also brings its classes, input size and preprocessing")
     parser.add_argument("--topk", type=int, default=5, help="classes to print per image (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: %(default)s)")
@@ -60,14 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model(name: str, weights: str | None) -> tuple[torch.nn.Module, bool]:
+def build_model(name: str | None, weights: str | None) -> tuple[torch.nn.Module, bool]:
     """The model and whether its weights are real. Exits with status 2 if ``--weights`` fails."""
     if weights is not None:
         try:
+            if name is None and not describes_itself(weights):
+                name = DEFAULT_MODEL
             return get_model(name, pretrained=weights), True
         except Exception as e:  # any loader failure is the user's file: report it, don't trace back
-            print(f"error: cannot load --weights {weights} into {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            print(f"error: cannot load --weights {weights} into {name or 'its model'}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
             sys.exit(2)
+    name = name or DEFAULT_MODEL
     try:
         return get_model(name, pretrained=True), True
     except Exception as e:  # typically no network; the loader's message says what it tried

@@ -22,9 +22,11 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 import torch
 import torch.distributed as dist
 
+from mvit_det.checkpoint.described import described_eval_dataset, read_description
 from mvit_det.classification.evaluate import (
     AMP_DTYPES,
     LAYOUTS,
+    SELF_DESCRIBED,
     DatasetError,
     EvalJob,
     ModelSpecError,
@@ -48,6 +50,8 @@ MODEL is a name from mvit_det.list_models() (e.g. mvitv2-tiny_3rdparty_in1k) or 
   cls_token: false      # default false; true for the in21k checkpoints
 CHECKPOINT is a path or an http(s) URL (downloaded once into the torch hub cache) in any format
 mvit_det reads: official .pyth, mmpretrain, timm, detectron2, mvit-det. It must fit MODEL exactly.
+A checkpoint written by tools/cls_train.py describes itself: give it alone (cls_eval.py OUT/model_final.pth
+--data VAL); its input size, preprocessing and class names are used (class folders are matched by name).
 
 {LAYOUTS}
 
@@ -73,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cls_eval.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("model", metavar="MODEL", help="model name or model config file (.yaml/.json), see below")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint path or URL")
+    p.add_argument("model", metavar="MODEL",
+                   help="model name or model config file (.yaml/.json), see below; or, alone, a checkpoint written "
+                        "by tools/cls_train.py (it names its model, classes and preprocessing)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", help="checkpoint path or URL")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="validation folder (ImageFolder, or images + label file)")
     p.add_argument("--labels", metavar="FILE",
@@ -174,11 +180,21 @@ def _prepare(args: argparse.Namespace, torchrun: bool) -> tuple[EvalJob, int]:
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
-    num_classes = model_num_classes(args.model)
-    dataset = build_eval_dataset(args.data, labels=args.labels, num_classes=num_classes)
+    if args.checkpoint is None:  # one argument: a checkpoint that names its model
+        args.model, args.checkpoint = SELF_DESCRIBED, args.model
+    checkpoint_file = _local_checkpoint(args.checkpoint, torchrun)
+    description = read_description(checkpoint_file)
+    if args.model == SELF_DESCRIBED and description is None:
+        raise UsageError(
+            f"{args.checkpoint} does not describe its model (only checkpoints written by tools/cls_train.py do): "
+            "give the model too, as in cls_eval.py MODEL CHECKPOINT --data DIR."
+        )
+    if description is not None:  # its input size, preprocessing and class names
+        dataset = described_eval_dataset(description, args.data, args.labels)
+    else:
+        dataset = build_eval_dataset(args.data, labels=args.labels, num_classes=model_num_classes(args.model))
     if args.limit:
         dataset = limit_dataset(dataset, args.limit)
-    checkpoint_file = _local_checkpoint(args.checkpoint, torchrun)
     job = EvalJob(
         model=args.model,
         checkpoint=args.checkpoint,

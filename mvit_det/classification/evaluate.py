@@ -58,6 +58,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "ModelSpecError",
+    "SELF_DESCRIBED",
     "ShardSampler",
     "SkippedImage",
     "autocast",
@@ -595,11 +596,18 @@ def _config_or_error(model_spec: str) -> dict[str, Any]:
     )
 
 
+#: ``model_spec`` of a checkpoint that names its own model (written by tools/cls_train.py).
+SELF_DESCRIBED = "<described by the checkpoint>"
+
+
 def build_model(model_spec: str, checkpoint: Union[str, Path]) -> torch.nn.Module:
     """A model name from ``list_models()`` or a model config file (``load_model_config``), with the weights of
-    ``checkpoint`` (a path or URL in any format ``mvit_det.checkpoint`` reads), loaded strictly."""
+    ``checkpoint`` (a path or URL in any format ``mvit_det.checkpoint`` reads), loaded strictly.
+    ``SELF_DESCRIBED``: the checkpoint names its model."""
     from ..models import MViTv2, get_model, list_models
 
+    if model_spec == SELF_DESCRIBED:
+        return get_model(pretrained=str(checkpoint))
     if model_spec in list_models():
         return get_model(model_spec, pretrained=str(checkpoint))
     from ..checkpoint import load_checkpoint
@@ -643,7 +651,7 @@ def evaluate_checkpoint(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     digest = sha256_file(checkpoint_file or checkpoint) if rank == 0 else None
     summary = {
-        "model": model_spec,
+        "model": model_spec if model_spec != SELF_DESCRIBED else f"{Path(str(checkpoint)).name} (self-describing)",
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": digest,
         "data": str(dataset.root),
@@ -770,38 +778,14 @@ def _write_predictions(path: Path, dataset: EvalDataset, result: EvalResult) -> 
                 writer.writerow([os.path.relpath(img, dataset.root), label] + pred)
 
 
-def _spawn_worker(rank: int, job: EvalJob, world: int, port: int, summary_file: str) -> None:
-    # Each process gets its share of the cores; without this every process would start one thread per core.
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    # A fresh interpreter: set up logging like the launching CLI, with one voice (rank 0).
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="[%(levelname)s] %(message)s")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        summary = run_job(job)
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:  # a file, not a queue: a large summary cannot block the process on a full pipe
-        Path(summary_file).write_text(json.dumps(summary), encoding="utf-8")
-
-
 def spawn_job(job: EvalJob, num_procs: int) -> dict[str, Any]:
     """Run ``job`` on ``num_procs`` local CPU processes (gloo on 127.0.0.1), without torchrun.
 
     Returns rank 0's summary. Raises ``torch.multiprocessing.ProcessRaisedException`` /
     ``ProcessExitedException`` if a process fails (the others are then stopped).
     """
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
+    from ..utils.launch import spawn_cpu
 
     if torch.device(job.device).type != "cpu":
         raise ValueError("spawn_job runs CPU processes only; for GPUs launch with torchrun --nproc-per-node N.")
-    with socket.socket() as s:  # a free port; released just before the processes bind it
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="cls_eval_") as tmp:
-        summary_file = os.path.join(tmp, "summary.json")
-        mp.spawn(_spawn_worker, args=(job, num_procs, port, summary_file), nprocs=num_procs, join=True)
-        return json.loads(Path(summary_file).read_text(encoding="utf-8"))
+    return spawn_cpu(run_job, (job,), num_procs)

@@ -8,9 +8,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..checkpoint.described import model_class_names, model_transform
 from ..data.images import ImageSource
 from ..models import MViTv2, get_model
-from .transforms import preprocess
 
 __all__ = ["imagenet_classes", "inference_model"]
 
@@ -42,10 +42,12 @@ def inference_model(
             or an ``MViTv2`` classifier with any number of classes. Pass a model object to classify many
             images: a name rebuilds and reloads the model on every call.
         image: a file path, a ``PIL.Image`` or an HxWx3 uint8 RGB numpy array. It goes through the
-            published evaluation preprocessing (``transforms.EvalTransform``).
+            published evaluation preprocessing (``transforms.EvalTransform``), or, for a model loaded from a
+            self-describing checkpoint, through the preprocessing stored in it (its input size).
         device: where to run; the model is moved there. Default: the device the model is already on.
-        classes: names for the model's labels, ``len(classes) == num_classes``. Without it a
-            1000-class model gets the ImageNet-1k names and any other model ``str(label)``.
+        classes: names for the model's labels, ``len(classes) == num_classes``. Without it a model loaded
+            from a self-describing checkpoint (``tools/cls_train.py``) uses the checkpoint's names, a 1000-class
+            model the ImageNet-1k names and any other model ``str(label)``.
         topk: how many best classes to list under ``"topk"`` (capped at the number of classes).
 
     Returns:
@@ -63,14 +65,14 @@ def inference_model(
             "build it with get_model(name) or MViTv2(arch, num_classes=N)."
         )
     num_classes = model.num_classes
-    names = _class_names(num_classes, classes)
+    names = _class_names(num_classes, classes if classes is not None else model_class_names(model))
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive integer, got {topk!r}.")
 
     if device is not None:
         model.to(device)
     param = next(model.parameters())
-    batch = preprocess(image).unsqueeze(0).to(param.device, param.dtype)  # also a .half() model
+    batch = model_transform(model)(image).unsqueeze(0).to(param.device, param.dtype)  # also a .half() model
 
     was_training = model.training
     model.eval()

@@ -40,16 +40,19 @@ class EvalTransform:
     Args:
         resize_size: the shorter side after resizing.
         crop_size: side of the centre crop; must not exceed ``resize_size``.
+        mean, std: per-channel RGB normalisation in 0..255 units (default: ImageNet's).
     """
 
-    def __init__(self, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE):
+    def __init__(self, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE, mean=None, std=None):
         if crop_size > resize_size:
             raise ValueError(f"crop_size ({crop_size}) cannot exceed resize_size ({resize_size}).")
         self.resize_size = resize_size
         self.crop_size = crop_size
+        self.mean_rgb = tuple(float(m) for m in (mean or IMAGENET_MEAN))
+        self.std_rgb = tuple(float(s) for s in (std or IMAGENET_STD))
         # (3, 1, 1) so that (3, H, W) - mean broadcasts per channel, as in mmpretrain's data preprocessor.
-        self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        self.mean = torch.tensor(self.mean_rgb, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(self.std_rgb, dtype=torch.float32).view(3, 1, 1)
 
     def resize(self, image: Image.Image) -> Image.Image:
         """Short side to ``resize_size``, long side ``int(resize_size * long / short)``, bicubic."""
@@ -82,7 +85,7 @@ class EvalTransform:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(resize_size={self.resize_size} (short side, bicubic), "
-            f"crop_size={self.crop_size}, mean={IMAGENET_MEAN}, std={IMAGENET_STD})"
+            f"crop_size={self.crop_size}, mean={self.mean_rgb}, std={self.std_rgb})"
         )
 
 

@@ -78,7 +78,7 @@ def get_card(name: str) -> ModelCard:
 
 
 def get_model(
-    name: str,
+    name: Optional[str] = None,
     pretrained: Union[bool, str, Path] = False,
     *,
     num_classes: Optional[int] = None,
@@ -88,10 +88,12 @@ def get_model(
     """Build a named model, optionally with weights.
 
     Args:
-        name: one of ``list_models()``.
+        name: one of ``list_models()``. May be omitted when ``pretrained`` is a checkpoint that describes itself
+            (written by ``tools/cls_train.py``).
         pretrained: ``True`` downloads the published checkpoint (cached in the torch hub folder);
             a path or URL loads that file, in any supported format (official, mmpretrain, timm,
-            detectron2, mvit-det).
+            detectron2, mvit-det). A self-describing checkpoint also sets the architecture, the number of
+            classes, ``model.class_names`` and ``model.data_config`` (the evaluation preprocessing).
         num_classes: a new classifier size; the head is then left freshly initialised and every other
             weight must load (fine-tuning).
         strict: refuse any missing, unexpected or mis-shaped key (default). Set False to allow a
@@ -100,15 +102,46 @@ def get_model(
 
     Returns the model in eval mode.
     """
-    card = get_card(name)
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    model = card.build(**overrides)
+    description = None
+    if pretrained and pretrained is not True:
+        from ..checkpoint.described import get_description
+        from ..checkpoint.io import download, is_url, load_file
+
+        # Read (memory-mapped) for its description; load_checkpoint reads it again, for its error messages' path.
+        description = get_description(load_file(download(str(pretrained)) if is_url(str(pretrained)) else pretrained))
+    if name is None and description is None:
+        raise ValueError(
+            "get_model needs a model name (see list_models()) unless pretrained is a self-describing checkpoint "
+            f"written by tools/cls_train.py; {pretrained!r} does not describe its model."
+            if pretrained
+            else "get_model needs a model name; see list_models()."
+        )
+    card = get_card(name) if name is not None else None
+    if description is not None:
+        kwargs = dict(description["model_kwargs"])
+        if card is not None and card.arch != kwargs.get("arch"):
+            raise ValueError(
+                f"Checkpoint {pretrained} holds an MViTv2-{kwargs.get('arch')} classifier, but the model {name!r} is "
+                f"MViTv2-{card.arch}. Omit the model name (the checkpoint describes its model) or give a "
+                f"{kwargs.get('arch')} model."
+            )
+        ckpt_classes = kwargs["num_classes"]
+        kwargs.update(overrides)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        model = MViTv2(**kwargs)
+    else:
+        ckpt_classes = card.num_classes
+        if num_classes is not None:
+            overrides["num_classes"] = num_classes
+        model = card.build(**overrides)
     if pretrained:
         from ..checkpoint import load_checkpoint
 
-        source = card.url if pretrained is True else pretrained
-        new_head = num_classes is not None and num_classes != card.num_classes
-        load_checkpoint(model, source, strict=strict, skip_head=new_head)
-    return model.eval()
+        new_head = num_classes is not None and num_classes != ckpt_classes
+        load_checkpoint(model, card.url if pretrained is True else pretrained, strict=strict, skip_head=new_head)
+        if description is not None:
+            from ..checkpoint.described import attach_description
 
+            attach_description(model, description)
+    return model.eval()

@@ -1,0 +1,192 @@
+"""Pieces of the training run that are not the loop: errors, the model and its initial weights, the optimiser and
+schedule (timm factories), and the resumable state file ``last.pth``."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..models import MViTv2, get_card
+from ..utils.atomic import atomic_open
+from .recipes import Recipe
+
+__all__ = [
+    "OutputError",
+    "ResumeError",
+    "TrainingDiverged",
+    "atomic_save",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "check_output",
+    "freeze_stages",
+    "load_pretrained",
+    "rng_state",
+    "set_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; nothing was saved after the last good checkpoint."""
+
+
+class OutputError(OSError):
+    """The output folder cannot be created or written."""
+
+
+class ResumeError(ValueError):
+    """``--resume`` found a state that belongs to another run (other data, batch, model, ...)."""
+
+
+def check_output(output: Path) -> None:
+    """Create ``output`` and prove it writable, or raise ``OutputError`` naming the folder and the fix."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=output)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(
+            f"Output folder {output} is not writable ({type(e).__name__}: {e.strerror or e}). Choose another "
+            "--output, or fix the folder's permissions (a file of that name, a read-only disk, no permission)."
+        ) from None
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to a temporary file next to ``path``, renamed over ``path`` when complete."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------
+def build_model(model_name: str, num_classes: int, recipe: Recipe, act_checkpoint: bool) -> tuple[MViTv2, dict]:
+    """The registry model's architecture with ``num_classes`` outputs, sized for ``recipe.img_size``.
+
+    Returns the model and the ``MViTv2`` keyword arguments that rebuild it (stored in the checkpoint).
+    """
+    card = get_card(model_name)
+    kwargs = dict(
+        arch=card.arch, num_classes=num_classes, expand_attn=card.expand_attn, cls_token=card.cls_token,
+        pretrain_img_size=recipe.img_size,
+    )
+    model = MViTv2(**kwargs, drop_path_rate=recipe.drop_path or 0.0, act_checkpoint=act_checkpoint)
+    return model, kwargs
+
+
+def load_pretrained(model: MViTv2, model_name: str, pretrained: Optional[str]) -> str:
+    """Initialise ``model`` from ``pretrained``: ``None`` = the model's published weights, ``"none"`` = random,
+    else a path or URL in any format the loaders read. A head of another size is left new; a detector's trunk
+    fills everything but the classifier's norm and head. Returns a one-line description for the log."""
+    from ..checkpoint import describe_state_dict, load_checkpoint, read_checkpoint
+
+    if pretrained is not None and pretrained.lower() == "none":
+        return "random initialisation (--pretrained none)"
+    source = get_card(model_name).url if pretrained is None else pretrained
+    sd, _ = read_checkpoint(source)
+    info = describe_state_dict(sd)
+    if not info.has_final_norm:  # a detection trunk: no classifier norm / head to take
+        report = load_checkpoint(model, source, strict=False)
+        wrong = [k for k in report.missing if not k.startswith(("norm.", "head."))]
+        if wrong or report.unexpected or report.mismatched:
+            raise ValueError(f"Checkpoint {source} does not fit {model_name}'s trunk: {report.summary()}")
+        return f"trunk from the detector checkpoint {source} ({len(report.loaded)} weights); norm and head are new"
+    new_head = info.num_classes != model.num_classes
+    report = load_checkpoint(model, source, strict=True, skip_head=new_head)
+    head = (
+        f"; new {model.num_classes}-class head (the checkpoint has {info.num_classes} classes)"
+        if new_head
+        else "; head kept"
+    )
+    return f"{len(report.loaded)} weights from {source} ({report.format} format){head}"
+
+
+def freeze_stages(model: MViTv2, stages: int) -> list[str]:
+    """Freeze the stem (and class token) and the blocks of the first ``stages`` stages; return what was frozen."""
+    if stages <= 0:
+        return []
+    last = model.arch.last_block_indexes[stages - 1]
+    frozen = []
+    for name, p in model.named_parameters():
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        if name.startswith(("patch_embed.", "cls_token")) or (block is not None and block <= last):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# --------------------------------------------------------------------------------------------------------
+class _LayerView:
+    """What timm's layer-decay grouping needs: parameter names, and the layer of each (stem 0, block i -> i+1,
+    final norm and head last)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def named_parameters(self, *args, **kwargs):
+        return self.model.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+
+def build_optimizer(model: MViTv2, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2``: no weight decay on norms, biases, rel-pos tables and the class token
+    (``model.no_weight_decay()``); with ``layer_decay`` the learning rate shrinks by that factor per block."""
+    from timm.optim import create_optimizer_v2, param_groups_layer_decay
+
+    group_fn: Optional[Callable] = None
+    if recipe.layer_decay is not None:
+        def group_fn(m):  # noqa: E306 - timm calls it with the model
+            return param_groups_layer_decay(
+                _LayerView(m), weight_decay=recipe.weight_decay, no_weight_decay_list=m.no_weight_decay(),
+                layer_decay=recipe.layer_decay,
+            )
+    # The fused AdamW kernel (CPU and CUDA) is ~6x faster than the per-tensor loop on a CPU (MViTv2-T: 0.24 s
+    # against 1.4 s per step on 2 vCPUs).
+    extra = {"fused": True} if recipe.opt.lower() in ("adamw", "adam") else {}
+    return create_optimizer_v2(
+        model, opt=recipe.opt, lr=lr, weight_decay=recipe.weight_decay, filter_bias_and_bn=True,
+        param_group_fn=group_fn, **extra,
+    )
+
+
+def build_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
+    """timm's ``CosineLRScheduler`` per optimiser step: linear warm-up, then cosine to ``min_lr``."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = recipe.epochs * steps_per_epoch
+    warmup = min(total - 1, round(recipe.warmup_epochs * steps_per_epoch))
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total - warmup), lr_min=recipe.min_lr, warmup_t=warmup,
+        warmup_lr_init=recipe.warmup_lr, warmup_prefix=True, t_in_epochs=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# RNG
+# --------------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
