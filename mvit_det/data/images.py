@@ -108,6 +108,8 @@ def _read_file(path: Path) -> Image.Image:
         ) from None
     except PermissionError as e:
         raise ImageReadError(f"Cannot read image {path}: permission denied ({e.strerror}).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a header cut short fails in Image.open already
+        raise ImageReadError(f"Cannot read image {path}: the file is truncated or corrupt ({e}).") from None
 
 
 def _decode(image: Image.Image, name: str) -> Image.Image:
