@@ -23,7 +23,8 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["mvit_det*"]),
+    # benchmarks: the side-by-side benchmark and reference models (tools/benchmark.py, tests)
+    packages=find_packages(include=["mvit_det*", "benchmarks*"]),
     package_data={"mvit_det": ["classification/imagenet_classes.txt", "**/*.yaml"]},
     install_requires=[
         "torch>=2.1",

@@ -1,11 +1,10 @@
-"""tools/benchmark.py and mvit_det.utils.references: report structure, numerics against the real timm,
+"""The benchmarks package (tools/benchmark.py) and its reference models: report structure, numerics against the real timm,
 mmpretrain and detectron2 implementations (the inference fast path), noise detection and the CLI.
 
 Tiny inputs and 1-2 timed rounds; no test looks at measured speed.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,7 +15,8 @@ import pytest
 import torch
 
 from mvit_det.models import MViTv2
-from mvit_det.utils.references import (
+import benchmarks as bm
+from benchmarks.references import (
     ReferenceUnavailable,
     randomize_,
     to_mmpretrain_state_dict,
@@ -34,15 +34,6 @@ SMALL_HEADS = (  # detector heads cut down so that a CPU step takes a second, no
 )
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("mvit_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bm = _load_benchmark()
 
 
 @pytest.fixture(scope="module")

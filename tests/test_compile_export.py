@@ -7,7 +7,7 @@ import torch
 
 from mvit_det.detection import MViTv2Backbone
 from mvit_det.models import MViTv2
-from mvit_det.utils.references import randomize_
+from benchmarks.references import randomize_
 
 MODELS = {
     "classifier": (lambda: MViTv2("tiny", num_classes=10), (1, 3, 224, 224)),

@@ -12,7 +12,7 @@ import torch
 from mvit_det.checkpoint import save_checkpoint
 from mvit_det.detection import MViTv2Backbone
 from mvit_det.models import MViTv2
-from mvit_det.utils.references import randomize_
+from benchmarks.references import randomize_
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import export_onnx  # noqa: E402

@@ -37,7 +37,7 @@ from mvit_det import get_model, list_models
 from mvit_det.checkpoint import DownloadError, load_checkpoint
 from mvit_det.utils.atomic import atomic_path
 from mvit_det.utils.cli import parse_img_size
-from mvit_det.utils.references import max_rel_diff
+from mvit_det.utils.numerics import max_rel_diff
 
 TOLERANCE = 1e-4
 

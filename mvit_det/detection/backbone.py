@@ -22,7 +22,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
 from ..models import MViTv2, get_arch
-from ..models.mvitv2 import STAGE_NAMES
+from ..models.mvitv2 import STAGE_NAMES, STAGE_STRIDES
 
 __all__ = [
     "MViTv2Backbone",
@@ -73,7 +73,7 @@ class MViTv2Backbone(MViTv2, Backbone):
             act_checkpoint=act_checkpoint,
         )
         channels = dict(zip(STAGE_NAMES, self.stage_channels))
-        strides = dict(zip(STAGE_NAMES, self.stage_strides))
+        strides = dict(zip(STAGE_NAMES, STAGE_STRIDES))
         # Read by Backbone.output_shape() -> {name: ShapeSpec(channels, stride)}.
         self._out_features = list(self.out_features)
         self._out_feature_channels = {f: channels[f] for f in self._out_features}
@@ -83,7 +83,7 @@ class MViTv2Backbone(MViTv2, Backbone):
     def size_divisibility(self) -> int:
         # Every stage rounds its grid up (ceil(H / stride)); padding to the largest stride keeps the
         # maps exactly 2x apart, which the FPN top-down path needs.
-        return self.stage_strides[-1]
+        return STAGE_STRIDES[-1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from ..models.mvitv2 import NO_WEIGHT_DECAY
+
 __all__ = [
     "NO_WEIGHT_DECAY_PARAMS",
     "add_mvitv2_config",
@@ -38,7 +40,7 @@ __all__ = [
 
 #: Parameters that detectron2's MViTv2 recipe keeps out of weight decay. Matched by attribute name, as
 #: ``get_default_optimizer_params(overrides=...)`` does; norm layers are covered by ``WEIGHT_DECAY_NORM``.
-NO_WEIGHT_DECAY_PARAMS = ("rel_pos_h", "rel_pos_w")
+NO_WEIGHT_DECAY_PARAMS = NO_WEIGHT_DECAY  # one source: the model module
 
 _OPTIMIZERS = ("SGD", "ADAMW")
 

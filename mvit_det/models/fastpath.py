@@ -12,13 +12,14 @@ import functools
 import logging
 import os
 import platform
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 
-__all__ = ["attention", "bf16_fallback_needed", "cpu_info", "linear", "native_bf16", "onednn_linear_ok"]
+__all__ = ["attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "linear", "native_bf16", "onednn_linear_ok"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,3 +167,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         ).softmax(dim=-1)
         return torch.bmm(attn, v.flatten(0, 1)).view(*q.shape[:-1], v.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _to_dtype(out: Any, dtype: torch.dtype) -> Any:
+    if isinstance(out, Tensor):
+        return out.to(dtype)
+    if isinstance(out, dict):
+        return {k: _to_dtype(v, dtype) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_dtype(v, dtype) for v in out)
+    return out
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def bf16_as_fp32(method: Callable) -> Callable:
+    """Run ``method`` in fp32 and return bf16 outputs when bf16 is asked for on a CPU without native bf16.
+
+    Emulated bf16 GEMMs are 6-20x slower than fp32 there, and oneDNN's fused bf16 kernel cannot be created at
+    all. bf16 weights are viewed as fp32 copies for the call (gradients still reach the originals).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not (isinstance(x, Tensor) and x.is_floating_point()) or not bf16_fallback_needed(
+            x, _param_dtype(self)
+        ):
+            return method(self, x, *args, **kwargs)
+        state = {n: t.float() if t.is_floating_point() else t for n, t in self.state_dict(keep_vars=True).items()}
+        with torch.autocast("cpu", enabled=False), _reparametrize_module(self, state):
+            out = method(self, x.float(), *args, **kwargs)
+        return _to_dtype(out, torch.bfloat16)
+
+    return wrapper

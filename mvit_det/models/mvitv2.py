@@ -19,17 +19,16 @@ passed as an additive mask, which is mathematically identical to the reference
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 from torch.utils.checkpoint import checkpoint
 
-from .fastpath import _onednn_dtype, attention, bf16_fallback_needed, cast_weight, linear
+from .fastpath import _onednn_dtype, attention, bf16_as_fp32, cast_weight, linear
+from .layers import PATCH_STRIDE, DropPath, Mlp, PatchEmbed, rel_pos_bias, window_partition, window_unpartition
 
 __all__ = [
     "ARCHS",
@@ -38,8 +37,13 @@ __all__ = [
     "get_arch",
 ]
 
-PATCH_STRIDE = 4
 STAGE_NAMES = ("scale2", "scale3", "scale4", "scale5")
+STAGE_STRIDES = (4, 8, 16, 32)  # of STAGE_NAMES, in input pixels
+#: kv pooling stride of stage 1 and window side (pre-pooling tokens) of stage 1 in detection mode
+KV_STRIDE, WINDOW_SIZE = 4, 56
+MLP_RATIO = 4
+#: parameters kept out of weight decay by every published recipe (besides norms and biases)
+NO_WEIGHT_DECAY = ("rel_pos_h", "rel_pos_w", "cls_token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,14 +133,12 @@ def block_specs(
     expand_attn: bool = True,
     detection: bool = False,
     pretrain_img_size: int = 224,
-    adaptive_kv_stride: int = 4,
-    adaptive_window_size: int = 56,
 ) -> list[BlockSpec]:
     """Per-block geometry.
 
     The first block of stages 2-4 halves the resolution (q stride 2). With ``expand_attn`` that block
     also doubles the width inside attention; without it (the L in1k checkpoint) the last block of the
-    previous stage doubles the width inside its MLP. The kv stride starts at ``adaptive_kv_stride`` and
+    previous stage doubles the width inside its MLP. The kv stride starts at ``KV_STRIDE`` and
     is divided by the q stride at each resolution drop, so that kv is pooled to the same grid in all
     stages (4, 2, 1, 1).
 
@@ -146,7 +148,7 @@ def block_specs(
     specs: list[BlockSpec] = []
     lbi = arch.last_block_indexes
     grid = pretrain_img_size // PATCH_STRIDE
-    kv_stride, window = adaptive_kv_stride, adaptive_window_size
+    kv_stride, window = KV_STRIDE, WINDOW_SIZE
     i = 0
     for s, depth in enumerate(arch.depths):
         for j in range(depth):
@@ -183,110 +185,6 @@ def block_specs(
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample while training."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (exact) -> fc2. (B, N, in_dim) -> (B, N, out_dim)."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(linear(x, self.fc1.weight, self.fc1.bias, gelu=True), self.fc2.weight, self.fc2.bias)
-
-
-class PatchEmbed(nn.Module):
-    """Conv 7x7 / stride 4 stem. (B, 3, H, W) -> (B, H/4 * W/4, C) and the token grid (H/4, W/4)."""
-
-    def __init__(self, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=PATCH_STRIDE, padding=3)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        # A channels-last conv output makes the token sequence a free view rather than a transposed copy.
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
-        hw = (x.shape[2], x.shape[3])
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], hw[0] * hw[1], -1), hw
-
-
-def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
-    """Relative-position embeddings for every (query, key) offset along one axis.
-
-    table: (L, c), built for the pre-training grid; resized by linear interpolation when the current
-    grid needs a different length (as in detectron2 and mmpretrain). Returns (q_size, k_size, c).
-    """
-    length = 2 * max(q_size, k_size) - 1
-    if table.shape[0] != length:
-        table = F.interpolate(table.T.unsqueeze(0), size=length, mode="linear").squeeze(0).T
-    # Offsets are scaled when q and k grids differ, so that both index the same physical distance.
-    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
-    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return table[offsets.long()]
-
-
-def rel_pos_bias(
-    q: Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: Tensor, table_w: Tensor
-) -> Tensor:
-    """Decomposed relative-position bias as an additive attention mask.
-
-    q: (B, q_h * q_w, heads, c), pooled and normalised but not scaled.
-    Returns (B, heads, q_h * q_w, k_h * k_w).
-    """
-    (q_h, q_w), (k_h, k_w) = q_hw, k_hw
-    b, _, n_heads, c = q.shape
-    r_h = rel_pos_lookup(table_h, q_h, k_h).to(q.dtype)
-    r_w = rel_pos_lookup(table_w, q_w, k_w).to(q.dtype)
-    r_q = q.reshape(b, q_h, q_w, n_heads, c)
-    # einsum returns permuted views; making the small factors contiguous makes the large sum contiguous,
-    # so the final reshape is free.
-    bias_h = torch.einsum("bhwnc,hkc->bnhwk", r_q, r_h).contiguous()
-    bias_w = torch.einsum("bhwnc,wkc->bnhwk", r_q, r_w).contiguous()
-    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, heads, q_h, q_w, k_h, k_w)
-    return bias.reshape(b, n_heads, q_h * q_w, k_h * k_w)
-
-
-def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nW, window * window, C), zero-padding H and W up to multiples of window.
-
-    The padding is left unmasked on purpose: detectron2's MViT attends to it, and its checkpoints were
-    trained that way.
-    """
-    b, h, w, c = x.shape
-    pad_h, pad_w = (-h) % window, (-w) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    x = x.view(b, hp // window, window, wp // window, window, c).transpose(2, 3)
-    return x.reshape(-1, window * window, c), (hp, wp)
-
-
-def window_unpartition(x: Tensor, window: int, padded_hw: tuple[int, int], hw: tuple[int, int]) -> Tensor:
-    """Inverse of ``window_partition``: (B * nW, window * window, C) -> (B, H, W, C)."""
-    hp, wp = padded_hw
-    b = x.shape[0] // ((hp // window) * (wp // window))
-    x = x.view(b, hp // window, wp // window, window, window, -1).transpose(2, 3)
-    return x.reshape(b, hp, wp, -1)[:, : hw[0], : hw[1]]
-
-
 class PoolingAttention(nn.Module):
     """Multi-head pooling attention with decomposed relative position and residual pooling.
 
@@ -398,7 +296,7 @@ class MultiScaleBlock(nn.Module):
     forward: (B, [1 +] H*W, dim) and (H, W) -> (B, [1 +] H'*W', dim_out) and (H', W').
     """
 
-    def __init__(self, spec: BlockSpec, has_cls_token: bool, drop_path: float, eps: float, mlp_ratio: float = 4.0):
+    def __init__(self, spec: BlockSpec, has_cls_token: bool, drop_path: float, eps: float):
         super().__init__()
         attn_dim = spec.attn_dim
         self.has_cls_token = has_cls_token
@@ -407,7 +305,7 @@ class MultiScaleBlock(nn.Module):
         self.attn = PoolingAttention(spec, has_cls_token, eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(attn_dim, eps=eps)
-        self.mlp = Mlp(attn_dim, int(attn_dim * mlp_ratio), spec.dim_out)
+        self.mlp = Mlp(attn_dim, attn_dim * MLP_RATIO, spec.dim_out)
         self.proj = nn.Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
         s = spec.stride_q
         self.pool_skip = nn.MaxPool2d(s + 1, s, (s + 1) // 2) if s > 1 else None
@@ -442,37 +340,6 @@ class MultiScaleBlock(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
-def _to_dtype(out: Any, dtype: torch.dtype) -> Any:
-    if isinstance(out, Tensor):
-        return out.to(dtype)
-    if isinstance(out, dict):
-        return {k: _to_dtype(v, dtype) for k, v in out.items()}
-    if isinstance(out, (tuple, list)):
-        return type(out)(_to_dtype(v, dtype) for v in out)
-    return out
-
-
-def _bf16_as_fp32(method: Callable) -> Callable:
-    """Run ``method`` in fp32 and return bf16 outputs when bf16 is asked for on a CPU without native bf16.
-
-    Emulated bf16 GEMMs are 6-20x slower than fp32 there, and oneDNN's fused bf16 kernel cannot be created at
-    all. bf16 weights are viewed as fp32 copies for the call (gradients still reach the originals).
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: "MViTv2", x: Any, *args: Any, **kwargs: Any) -> Any:
-        if not (isinstance(x, Tensor) and x.is_floating_point()) or not bf16_fallback_needed(
-            x, self.patch_embed.proj.weight.dtype
-        ):
-            return method(self, x, *args, **kwargs)
-        state = {n: t.float() if t.is_floating_point() else t for n, t in self.state_dict(keep_vars=True).items()}
-        with torch.autocast("cpu", enabled=False), _reparametrize_module(self, state):
-            out = method(self, x.float(), *args, **kwargs)
-        return _to_dtype(out, torch.bfloat16)
-
-    return wrapper
-
-
 class MViTv2(nn.Module):
     """MViTv2 image classifier, or (``detection=True``) its multiscale detection trunk.
 
@@ -561,10 +428,6 @@ class MViTv2(nn.Module):
     def stage_channels(self) -> tuple[int, ...]:
         return tuple(self.specs[i].dim_out for i in self.arch.last_block_indexes)
 
-    @property
-    def stage_strides(self) -> tuple[int, ...]:
-        return (4, 8, 16, 32)
-
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"MViTv2 expects a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}.")
@@ -612,7 +475,7 @@ class MViTv2(nn.Module):
             x = x[:, 1:]
         return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
 
-    @_bf16_as_fp32
+    @bf16_as_fp32
     def forward_pyramid(self, x: Tensor) -> dict[str, Tensor]:
         """Detection mode: ``{name: (B, C_s, H/stride_s, W/stride_s)}`` for ``out_features``."""
         if not self.detection:
@@ -624,7 +487,7 @@ class MViTv2(nn.Module):
                 outs[name] = self._tokens_to_map(tokens, hw)
         return outs
 
-    @_bf16_as_fp32
+    @bf16_as_fp32
     def forward_features(self, x: Tensor) -> Tensor:
         """Classification mode: final normalised tokens (B, [1 +] H/32 * W/32, C)."""
         tokens, _ = self._forward_stages(x)[-1]
@@ -635,7 +498,7 @@ class MViTv2(nn.Module):
         pooled = tokens[:, 0] if self.has_cls_token else tokens.mean(dim=1)
         return pooled if pre_logits else self.head(pooled)
 
-    @_bf16_as_fp32
+    @bf16_as_fp32
     def extract_feat(self, x: Tensor) -> tuple[Tensor, ...]:
         """Feature maps at the end of each stage, (B, C_s, H/stride_s, W/stride_s) for s = 1..4.
 
@@ -650,7 +513,7 @@ class MViTv2(nn.Module):
         maps.append(self._tokens_to_map(self.norm(last), hw))
         return tuple(maps)
 
-    @_bf16_as_fp32
+    @bf16_as_fp32
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         if self.detection:
             return self.forward_pyramid(x)
@@ -658,11 +521,8 @@ class MViTv2(nn.Module):
 
     # -- training helpers --------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        """Parameter names that the published recipes exclude from weight decay."""
-        names = {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_h", "rel_pos_w"))}
-        if self.cls_token is not None:
-            names.add("cls_token")
-        return names
+        """Parameter names that the published recipes exclude from weight decay (see ``NO_WEIGHT_DECAY``)."""
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY}
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head for fine-tuning on ``num_classes`` classes."""

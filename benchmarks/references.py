@@ -19,15 +19,15 @@ install command, so callers can skip it with a note.
 """
 from __future__ import annotations
 
-import math
 import re
 from functools import partial
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ..models import ARCHS, MViTv2, MViTv2Arch
+from mvit_det.models import ARCHS, MViTv2, MViTv2Arch
+from mvit_det.utils.numerics import max_rel_diff  # noqa: F401  (re-exported for the benchmark and tests)
 
 __all__ = [
     "REFERENCE_INSTALL",
@@ -300,25 +300,3 @@ def reference_version(library: str) -> Optional[str]:
     except ImportError:
         return None
     return getattr(module, "__version__", "unknown")
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparing outputs
-# ---------------------------------------------------------------------------------------------
-def max_rel_diff(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
-    """max over tensors of ``max|out - ref| / max|ref|`` (each tensor scaled by its own largest value).
-
-    ``inf`` when the outputs differ in number or shape (e.g. a different count of detections).
-    """
-    if len(outputs) != len(reference):
-        return math.inf
-    worst = 0.0
-    for a, b in zip(outputs, reference):
-        if a.shape != b.shape:
-            return math.inf
-        if b.numel() == 0:
-            continue
-        a, b = a.detach().double(), b.detach().double()
-        scale = b.abs().max().clamp_min(1e-12)
-        worst = max(worst, float((a - b).abs().max() / scale))
-    return worst
