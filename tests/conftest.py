@@ -61,3 +61,34 @@ def mini_detector() -> nn.Module:
     model.backbone.bottom_up = MViTv2Backbone("tiny")
     model.roi_heads = nn.Linear(4, 3)
     return model
+
+
+# ---- detector zoo, batched predictors and demo (test_demo_batch.py, test_predictor_options.py) -----------------
+@pytest.fixture(scope="session")
+def toy_detector_weights(tmp_path_factory) -> str:
+    """Seeded random weights of configs/toy/mvitv2_t_maskrcnn_toy.py (MViTv2-T Mask R-CNN, 3 classes, short side
+    144), saved like a detectron2 checkpoint."""
+    from pathlib import Path
+
+    from mvit_det.detection.engine import build_model, load_config
+
+    torch.manual_seed(0)
+    config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py"
+    model = build_model(load_config(str(config)))
+    path = tmp_path_factory.mktemp("toy_detector") / "model.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_bgr():
+    """``fn(seed, h, w) -> (h, w, 3) BGR uint8``: a rendered toy-shapes image."""
+    import numpy as np
+
+    from mvit_det.data.toy import ToySpec, render_toy_image
+
+    def make(seed: int, h: int, w: int):
+        rgb, _ = render_toy_image(np.random.default_rng(seed), ToySpec(1, 1, h, w))
+        return np.ascontiguousarray(rgb[:, :, ::-1])
+
+    return make

@@ -2,7 +2,7 @@
 back frame by frame, bad files skipped, output and camera problems reported before the model is built.
 
 The demo runs in this process (``demo.main(argv)``) to avoid re-importing torch and detectron2 per run; the toy
-Mask R-CNN (MViTv2-T, short side 144) with seeded random weights keeps it fast.
+Mask R-CNN (MViTv2-T, short side 112 at test) with seeded random weights keeps it fast.
 """
 from __future__ import annotations
 
@@ -14,13 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from mvit_det.data.toy import TOY_CLASSES, ToySpec, render_toy_image
-from mvit_det.detection.engine import build_model, load_config
+from mvit_det.data.toy import TOY_CLASSES
 from mvit_det.detection.predictor import build_predictor
 from mvit_det.detection.runner import RunError, expand_inputs, open_camera
 
@@ -40,22 +38,8 @@ demo = _load_demo()
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = build_model(load_config(TOY))
-    path = tmp_path_factory.mktemp("w") / "model.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def predictor(weights):
-    return build_predictor(TOY, weights=weights, device="cpu", opts=[TOPK])
-
-
-def toy_bgr(seed: int, h: int, w: int) -> np.ndarray:
-    rgb, _ = render_toy_image(np.random.default_rng(seed), ToySpec(1, 1, h, w))
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+def predictor(toy_detector_weights):
+    return build_predictor(TOY, weights=toy_detector_weights, device="cpu", opts=[TOPK])
 
 
 def _same_detections(anns: list[dict], instances) -> None:
@@ -74,7 +58,7 @@ def _same_detections(anns: list[dict], instances) -> None:
         assert a["area"] == int(mask.sum()) and a["iscrowd"] == 0
 
 
-def test_folder_glob_json_pngs_and_bad_files(tmp_path, weights, predictor, capsys):
+def test_folder_glob_json_pngs_and_bad_files(tmp_path, toy_detector_weights, predictor, capsys, toy_bgr):
     folder, other = tmp_path / "photos", tmp_path / "other"
     folder.mkdir()
     other.mkdir()
@@ -83,13 +67,13 @@ def test_folder_glob_json_pngs_and_bad_files(tmp_path, weights, predictor, capsy
     for path, bgr in images.items():
         assert cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 100])
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    assert cv2.imwrite(str(folder / "strip.png"), np.zeros((1, 1000, 3), np.uint8))  # too elongated for 144/320
+    assert cv2.imwrite(str(folder / "strip.png"), np.zeros((1, 1000, 3), np.uint8))  # too elongated for the test resize
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(bomb)  # a few KB on disk, 400 Mpx: PIL's decompression-bomb limit
     missing = tmp_path / "missing.jpg"
     out_json, out_dir = tmp_path / "res" / "out.json", tmp_path / "drawn"
 
-    rc = demo.main(["--config", TOY, "--weights", weights, "--input", str(folder), str(other / "*.png"), str(bomb),
+    rc = demo.main(["--config", TOY, "--weights", toy_detector_weights, "--input", str(folder), str(other / "*.png"), str(bomb),
                     str(missing), "--json", str(out_json), "--output", str(out_dir), "--batch-size", "2",
                     "--device", "cpu", "--confidence-threshold", "0", "--no-progress", "--opts", TOPK])  # fmt: skip
     err = capsys.readouterr().err
@@ -116,7 +100,7 @@ def test_folder_glob_json_pngs_and_bad_files(tmp_path, weights, predictor, capsy
     assert sorted(os.listdir(out_json.parent)) == ["out.json"]  # no temporary file left
 
 
-def test_output_problems_fail_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+def test_output_problems_fail_before_the_model_is_built(tmp_path, monkeypatch, capsys, toy_bgr):
     def no_model(args):
         raise AssertionError("the model must not be built")
 
@@ -139,7 +123,7 @@ def test_output_problems_fail_before_the_model_is_built(tmp_path, monkeypatch, c
     assert "Did you mean 'mask_rcnn_mvitv2_t_3x'" in capsys.readouterr().err
 
 
-def test_video_round_trip(tmp_path, weights, predictor, capsys):
+def test_video_round_trip(tmp_path, toy_detector_weights, predictor, capsys):
     src, dst, frames_json = tmp_path / "in.avi", tmp_path / "out" / "drawn.avi", tmp_path / "frames.json"
     writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (128, 96))
     assert writer.isOpened()
@@ -149,7 +133,7 @@ def test_video_round_trip(tmp_path, weights, predictor, capsys):
         writer.write(frame)
     writer.release()
 
-    rc = demo.main(["--config", TOY, "--weights", weights, "--video-input", str(src), "--output", str(dst),
+    rc = demo.main(["--config", TOY, "--weights", toy_detector_weights, "--video-input", str(src), "--output", str(dst),
                     "--json", str(frames_json), "--batch-size", "3", "--device", "cpu", "--no-progress",
                     "--confidence-threshold", "0", "--opts", TOPK])  # fmt: skip
     assert rc == 0, capsys.readouterr().err

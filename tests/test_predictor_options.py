@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.structures import pairwise_iou
 
-from mvit_det.data.toy import ToySpec, render_toy_image
-from mvit_det.detection.engine import build_model, load_config
+from mvit_det.detection.engine import load_config
 from mvit_det.detection.predictor import LazyPredictor, build_predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,22 +19,8 @@ YACS = str(REPO / "configs" / "yacs" / "mvitv2_t_maskrcnn_toy.yaml")
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    model = build_model(load_config(LAZY))
-    path = tmp_path_factory.mktemp("w") / "model.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def lazy(weights) -> LazyPredictor:
-    return LazyPredictor(LAZY, weights=weights, device="cpu", batch_size=2)
-
-
-def toy_bgr(seed: int, h: int, w: int) -> np.ndarray:
-    rgb, _ = render_toy_image(np.random.default_rng(seed), ToySpec(1, 1, h, w))
-    return np.ascontiguousarray(rgb[:, :, ::-1])
+def lazy(toy_detector_weights) -> LazyPredictor:
+    return LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", batch_size=2)
 
 
 def assert_same(a, b, box_atol=1e-3, score_atol=1e-5, mask_frac=1e-3) -> None:
@@ -62,9 +46,11 @@ def count_model_calls(monkeypatch, model, method: str) -> list[int]:
     return sizes
 
 
-def test_batched_equals_one_by_one(lazy, weights, monkeypatch):
-    # a and c resize to the same padded input (144x192); b (96x150 -> 144x225, padded 144x256) is batched alone.
+def test_batched_equals_one_by_one(lazy, toy_detector_weights, monkeypatch, toy_bgr):
+    # a and c resize to the same padded input; b (another aspect ratio) pads to another size and is batched alone.
     images = [toy_bgr(1, 120, 160), toy_bgr(2, 96, 150), toy_bgr(3, 120, 160)]
+    shapes = [lazy._padded_shape(lazy._model_input(im)["image"]) for im in images]
+    assert shapes[0] == shapes[2] != shapes[1]
     singles = [lazy(im)["instances"] for im in images]
     sizes = count_model_calls(monkeypatch, lazy.model, "forward")
     batched = lazy(images)
@@ -74,33 +60,35 @@ def test_batched_equals_one_by_one(lazy, weights, monkeypatch):
         assert many["instances"].image_size == im.shape[:2]
         assert_same(many["instances"], one)
 
-    yacs = build_predictor(YACS, weights=weights, device="cpu", batch_size=3)
-    for one, many in zip([yacs(im)["instances"] for im in images], yacs(images)):
+    yacs = build_predictor(YACS, weights=toy_detector_weights, device="cpu", batch_size=2)
+    pair = [images[0], images[2]]  # one batch of two
+    for one, many in zip([yacs(im)["instances"] for im in pair], yacs(pair)):
         assert_same(many["instances"], one)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        LazyPredictor(LAZY, weights=weights, device="cpu", batch_size=0)
+        LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", batch_size=0)
 
 
-def test_tta_single_scale_without_flip_equals_plain(lazy, weights):
+def test_tta_single_scale_without_flip_equals_plain(lazy, toy_detector_weights, toy_bgr):
     image = toy_bgr(4, 120, 160)
     plain = lazy(image)["instances"]
-    tta = LazyPredictor(LAZY, weights=weights, device="cpu", tta={"min_sizes": [144], "max_size": 320, "flip": False})
+    (resize,) = lazy.augs  # the config's test resize, as one TTA scale
+    single = {"min_sizes": [resize.short_edge_length[0]], "max_size": resize.max_size, "flip": False}
+    tta = LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", tta=single)
     # GeneralizedRCNNWithTTA maps boxes back with the inverse resize and re-runs the mask head on the merged
     # boxes: the same detections up to float rounding of the coordinates.
     assert_same(tta(image)["instances"], plain, box_atol=1e-2, score_atol=1e-5, mask_frac=1e-3)
 
-    yacs_plain = build_predictor(YACS, weights=weights, device="cpu")(image)["instances"]
-    yacs_tta = build_predictor(YACS, weights=weights, device="cpu",
-                               tta={"min_sizes": [144], "max_size": 320, "flip": False})(image)["instances"]  # fmt: skip
+    yacs_plain = build_predictor(YACS, weights=toy_detector_weights, device="cpu")(image)["instances"]
+    yacs_tta = build_predictor(YACS, weights=toy_detector_weights, device="cpu", tta=single)(image)["instances"]
     assert_same(yacs_tta, yacs_plain, box_atol=1e-2, score_atol=1e-5, mask_frac=1e-3)
 
 
-def test_tta_multi_scale_and_flip(lazy, weights, monkeypatch):
+def test_tta_multi_scale_and_flip(lazy, toy_detector_weights, monkeypatch, toy_bgr):
     defaults = get_cfg().TEST.AUG
-    p = LazyPredictor(LAZY, weights=weights, device="cpu", tta=True)
+    p = LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", tta=True)
     assert p.tta_settings == {"min_sizes": list(defaults.MIN_SIZES), "max_size": defaults.MAX_SIZE, "flip": True}
 
-    p = LazyPredictor(LAZY, weights=weights, device="cpu", batch_size=4, tta={"min_sizes": [112, 144]})
+    p = LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", batch_size=4, tta={"min_sizes": [96, 128]})
     sizes = count_model_calls(monkeypatch, p.model, "inference")
     image = toy_bgr(5, 120, 160)
     inst = p(image)["instances"]
@@ -113,14 +101,14 @@ def test_tta_multi_scale_and_flip(lazy, weights, monkeypatch):
     plain = lazy(image)["instances"]
     assert len(inst) != len(plain) or not torch.allclose(inst.scores, plain.scores)  # the views were merged
     with pytest.raises(ValueError, match="Unknown tta setting"):
-        LazyPredictor(LAZY, weights=weights, device="cpu", tta={"sizes": [100]})
+        LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", tta={"sizes": [100]})
 
 
-def test_precision_errors(weights):
+def test_precision_errors(toy_detector_weights):
     with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device.*use precision 'bf16'"):
-        LazyPredictor(LAZY, weights=weights, device="cpu", precision="fp16")
+        LazyPredictor(LAZY, weights=toy_detector_weights, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="Unknown precision 'fp64': use one of fp32, bf16, fp16"):
-        build_predictor(YACS, weights=weights, device="cpu", precision="fp64")
+        build_predictor(YACS, weights=toy_detector_weights, device="cpu", precision="fp64")
 
 
 def test_bf16_agrees_with_fp32_on_a_real_photo():
