@@ -38,6 +38,7 @@ __all__ = [
     "convert_to_mvit_det",
     "describe_state_dict",
     "detect_format",
+    "unwrap_keys",
 ]
 
 FORMATS = ("mvit-det", "official", "mmpretrain", "timm", "detectron2")
@@ -65,11 +66,28 @@ class ConvertedCheckpoint:
 # --------------------------------------------------------------------------------------------
 # Detection
 # --------------------------------------------------------------------------------------------
+#: torch.compile's wrapper name, wherever a compiled module sits in the model.
+_COMPILED_RE = re.compile(r"(?:^|(?<=\.))_orig_mod\.")
+
+
+def unwrap_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Remove the ``module.`` prefix of DistributedDataParallel (when every key has it) and every ``_orig_mod.`` of
+    ``torch.compile``; return the new dict and the wrappers removed (empty when nothing changed)."""
+    removed = []
+    sd = dict(state_dict)
+    if any(isinstance(k, str) and _COMPILED_RE.search(k) for k in sd):
+        sd = {(_COMPILED_RE.sub("", k) if isinstance(k, str) else k): v for k, v in sd.items()}
+        removed.append("_orig_mod. (torch.compile)")
+    while sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+        removed.append("module. (DistributedDataParallel)")
+    return sd, removed
+
+
 def _strip_module_prefix(sd: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Remove the ``module.`` prefix that DistributedDataParallel adds to every key."""
-    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    """Remove the wrapper prefixes of DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``)."""
+    unwrapped, removed = unwrap_keys(sd)
+    return unwrapped if removed else sd
 
 
 def _layout_of(keys: list[str]) -> Optional[str]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -45,11 +44,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from ..checkpoint import DownloadError, detect_format, load_checkpoint, load_file
+from ..checkpoint.formats import unwrap_keys
 from ..checkpoint.io import offline_hint
 from ..checkpoint.loading import refuse_integer_weights
 from ..models import MViTv2
 
-__all__ = ["MViTv2Checkpointer", "unwrap_keys"]
+__all__ = ["MViTv2Checkpointer"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +57,8 @@ _CLASSIFIER_FORMATS = ("official", "mmpretrain", "timm", "mvit-det")
 _SHOW = 10
 
 
-#: Key prefixes of wrapped models: DistributedDataParallel and torch.compile (anywhere in the name for the latter).
-_WRAPPER_RE = re.compile(r"(?:^|(?<=\.))_orig_mod\.")
-
-
 def _cap(items: list[str]) -> str:
     return ", ".join(items[:_SHOW]) + (f", ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
-
-
-def unwrap_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Remove the ``module.`` prefix of DistributedDataParallel (when every key has it) and every ``_orig_mod.``
-    of ``torch.compile``; return the new dict and the prefixes removed."""
-    removed = []
-    sd = dict(state_dict)
-    if any(isinstance(k, str) and _WRAPPER_RE.search(k) for k in sd):
-        sd = {(_WRAPPER_RE.sub("", k) if isinstance(k, str) else k): v for k, v in sd.items()}
-        removed.append("_orig_mod. (torch.compile)")
-    while sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-        removed.append("module. (DistributedDataParallel)")
-    return sd, removed
 
 
 class MViTv2Checkpointer(DetectionCheckpointer):

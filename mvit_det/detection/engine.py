@@ -132,7 +132,14 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
 
         cfg = LazyConfig.load(path)
         check_lazy_overrides(cfg, opts)  # apply_overrides would add a mistyped key silently
-        return LazyConfig.apply_overrides(cfg, list(opts))
+        for override in opts:  # one at a time (as apply_overrides does), to name the one it cannot read
+            try:
+                cfg = LazyConfig.apply_overrides(cfg, [override])
+            except Exception as e:  # hydra's OverrideParseException, omegaconf's ValidationError
+                if not type(e).__module__.startswith(("hydra", "omegaconf")):
+                    raise
+                raise ValueError(_override_quoting_message(override, e)) from None
+        return cfg
     if ext in (".yaml", ".yml"):
         from . import add_mvitv2_config  # also registers the MViTv2 backbones with BACKBONE_REGISTRY
         from .config import unknown_yacs_key_message
@@ -149,6 +156,22 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
             raise ValueError(unknown_yacs_key_message(cfg, m.group(1))) from None
         return cfg
     raise ValueError(f"Unknown config type {path!r}: use a LazyConfig .py file or a yacs .yaml file.")
+
+
+def _override_quoting_message(override: str, error: Exception) -> str:
+    """How to quote a LazyConfig override value that hydra's override grammar cannot read."""
+    import shlex
+
+    key, _, value = override.partition("=")
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    # Hydra's quoted strings: \" is a quote; backslashes are literal except right before a quote or the end.
+    escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return (
+        f"Cannot read the override {override!r}: {first}. A value with spaces, parentheses, quotes, commas, brackets "
+        "or non-ASCII letters must be quoted, and the quotes must reach the program: on a POSIX shell write "
+        f'{shlex.quote(f"{key}=" + chr(34) + escaped + chr(34))}.'
+    )
 
 
 def merge_yaml_safely(cfg: CfgNode, path: str) -> None:
