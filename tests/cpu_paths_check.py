@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from mvit_det.detection.predictor import _autocast_context
 from mvit_det.models import MViTv2
 from mvit_det.models import fastpath
 from mvit_det.models.fastpath import cpu_info, native_bf16
@@ -75,10 +76,13 @@ def check() -> dict:
     try:
         cls = _check_model(MViTv2("tiny", num_classes=10), torch.randn(2, 3, 96, 96))
         det = _check_model(MViTv2("tiny", detection=True), torch.randn(1, 3, 96, 128))
+        with _autocast_context(torch.device("cpu"), "bf16")():  # LazyPredictor(precision="bf16") on this CPU
+            predictor_autocast = torch.is_autocast_enabled("cpu")
     finally:
         logging.getLogger("mvit_det.models.fastpath").removeHandler(handler)
     fallback_logs = [r.getMessage() for r in records if "no native bf16" in r.getMessage()]
-    return {"cpu": cpu_info(), "native_bf16": native_bf16(), "cls": cls, "det": det, "fallback_logs": fallback_logs}
+    return {"cpu": cpu_info(), "native_bf16": native_bf16(), "cls": cls, "det": det, "fallback_logs": fallback_logs,
+            "predictor_bf16_autocast": predictor_autocast}
 
 
 if __name__ == "__main__":

@@ -48,12 +48,15 @@ def test_avx2_capped_subprocess_runs_every_precision(capped_result):
     # bf16 asked for without native bf16: said once per process, naming the path taken.
     assert len(capped_result["fallback_logs"]) == 1
     assert "computes in float32 and returns bfloat16" in capped_result["fallback_logs"][0]
+    # The whole detector (detectron2 heads too) runs fp32 rather than emulated bf16 there.
+    assert capped_result["predictor_bf16_autocast"] is False
 
 
 def test_host_runs_every_precision():
     result = check()
     _assert_numerics(result)
     assert len(result["fallback_logs"]) == (0 if result["native_bf16"] else 1)
+    assert result["predictor_bf16_autocast"] is result["native_bf16"]
 
 
 def test_probe_is_decided_once():

@@ -45,6 +45,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 
+from ..models.fastpath import log_bf16_fallback, native_bf16
 from .checkpoint import MViTv2Checkpointer
 
 __all__ = ["PRECISIONS", "CheckedDefaultPredictor", "LazyPredictor", "build_predictor", "dataset_metadata"]
@@ -130,6 +131,10 @@ def _autocast_context(device: torch.device, precision: str):
         )
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("This GPU does not support bfloat16; use precision 'fp16' or 'fp32'.")
+    if precision == "bf16" and device.type == "cpu" and not native_bf16():
+        # Emulated bf16 convolutions and GEMMs run 6-20x slower than fp32 on such a CPU.
+        log_bf16_fallback("the detector runs in float32")
+        return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 
-__all__ = ["attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "linear", "native_bf16", "onednn_linear_ok"]
+__all__ = [
+    "attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "linear", "log_bf16_fallback", "native_bf16",
+    "onednn_linear_ok",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +106,20 @@ def bf16_fallback_needed(x: Tensor, param_dtype: torch.dtype) -> bool:
     )
     if not wants_bf16 or native_bf16():
         return False
+    log_bf16_fallback("MViTv2 computes in float32 and returns bfloat16 outputs")
+    return True
+
+
+def log_bf16_fallback(path: str) -> None:
+    """Say once per process that bf16 was asked for without native bf16, and which path runs instead."""
     global _fallback_logged
     if not _fallback_logged:
         _fallback_logged = True
         logger.warning(
             "bfloat16 was requested, but this CPU has no native bf16 kernels (%s, torch capability %s): "
-            "MViTv2 computes in float32 and returns bfloat16 outputs (faster than emulated bf16 here).",
-            _cpu_model(), torch.backends.cpu.get_cpu_capability(),
+            "%s (faster than emulated bf16 here).",
+            _cpu_model(), torch.backends.cpu.get_cpu_capability(), path,
         )
-    return True
 
 
 def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
