@@ -221,3 +221,36 @@ def test_train_net_register_coco_errors_exit_2(tmp_path, images):
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- classification folders walked safely (issue 17, item 15) ---------------------------------------------------
+def test_classification_folder_walk_survives_links_and_odd_names(tmp_path, caplog):
+    """A link loop ends, each image counts once (also when reached through a link), broken links are reported,
+    and a file name that is not valid UTF-8 still opens."""
+    import os
+
+    from PIL import Image
+
+    from mvit_det.classification.evaluate import build_eval_dataset
+
+    val = tmp_path / "val"
+    (val / "n0").mkdir(parents=True)
+    (val / "n1").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(val / "n0" / "a.png")
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(val / "n1" / "b.png")
+    (val / "n0" / "loop").symlink_to(val / "n0", target_is_directory=True)  # n0/loop/loop/... forever
+    (val / "n1" / "same_as_a.png").symlink_to(val / "n0" / "a.png")
+    (val / "n1" / "broken.png").symlink_to(tmp_path / "gone.png")
+    odd = os.path.join(os.fsencode(val / "n1"), b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    Image.new("RGB", (40, 30), (10, 10, 200)).save(odd, format="PNG")
+
+    with caplog.at_level(logging.WARNING):
+        dataset = build_eval_dataset(val, num_classes=2)
+    names = sorted(os.path.relpath(p, val) for p, _ in dataset.samples)
+    assert names == ["n0/a.png", "n1/b.png", os.fsdecode(b"n1/caf\xe9.png")]  # each image once; the walk ended
+    assert "a link to a folder that was already walked" in caplog.text
+    assert "broken.png: a broken link" in caplog.text
+    assert "same_as_a.png: the same file as another path already listed (a link)" in caplog.text
+    odd_sample = next(i for i, (p, _) in enumerate(dataset.samples) if p.endswith(os.fsdecode(b"caf\xe9.png")))
+    image, label, _, error = dataset[odd_sample]
+    assert error is None and label == 1 and image.shape == (3, 224, 224)

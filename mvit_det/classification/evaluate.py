@@ -46,6 +46,8 @@ from tqdm import tqdm
 
 from ..data.images import ImageReadError
 from ..utils.atomic import atomic_open
+from ..utils.hints import did_you_mean
+from ..utils.walk import printable, walk_files
 from .transforms import EvalTransform
 
 __all__ = [
@@ -192,7 +194,8 @@ def build_eval_dataset(
         return _from_label_file(root, found, num_classes, transform)
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    samples = [(path, label) for label, name in enumerate(classes) for path in _images_under(root / name)]
+    seen: set = set()  # an image reached from two class folders (a link) counts once, in the first
+    samples = [(path, label) for label, name in enumerate(classes) for path in _images_under(root / name, seen)]
     if not samples:
         what = f"{len(classes)} sub-folders but no images in them" if classes else "no images and no sub-folders"
         raise DatasetError(f"No images found in {root}: it has {what}.\n{LAYOUTS}")
@@ -231,12 +234,15 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: a stable order
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(Path(f)))
-    return found
+def _images_under(folder: Path, seen: Optional[set] = None) -> list[str]:
+    """The images under ``folder``, each once (also across calls sharing ``seen``), links followed safely
+    (``mvit_det.utils.walk``); what was skipped (link loops, unreadable folders, broken links) is logged."""
+    walked = walk_files(folder, lambda name: _is_image(Path(name)), seen)
+    if walked.skipped:
+        shown = "; ".join(f"{printable(path)}: {reason}" for path, reason in walked.skipped[:5])
+        more = f" ... and {len(walked.skipped) - 5} more" if len(walked.skipped) > 5 else ""
+        logger.warning("Skipped %d entries under %s: %s%s", len(walked.skipped), printable(str(folder)), shown, more)
+    return walked.files
 
 
 def _from_label_file(
@@ -586,12 +592,8 @@ def _config_or_error(model_spec: str) -> dict[str, Any]:
         if not path.is_file():
             raise ModelSpecError(f"Model config file {path} does not exist.")
         return load_model_config(path)
-    from difflib import get_close_matches
-
-    close = get_close_matches(model_spec, list_models(), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ModelSpecError(
-        f"Unknown model {model_spec!r}.{hint} Give a name from list_models() ({', '.join(list_models())}) "
+        f"Unknown model {model_spec!r}.{did_you_mean(model_spec, list_models())} Give a name from list_models() ({', '.join(list_models())}) "
         f"or a .yaml/.json model config file."
     )
 
@@ -753,7 +755,7 @@ def _report(summary: dict[str, Any], result: EvalResult, job: EvalJob) -> None:
         shown = result.skipped[:10]
         print(f"Skipped {len(result.skipped)} unreadable image(s):", flush=True)
         for s in shown:
-            print(f"  {s.reason}", flush=True)
+            print(f"  {printable(s.reason)}", flush=True)
         if len(result.skipped) > len(shown):
             where = "all listed in the --out JSON" if job.out else "write them all with --out FILE"
             print(f"  ... and {len(result.skipped) - len(shown)} more ({where}).", flush=True)
