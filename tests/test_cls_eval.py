@@ -412,7 +412,7 @@ def test_explicit_labels_out_of_range_exit_2(checkpoint, tmp_path, capsys):
 def test_usage_errors_exit_2(checkpoint, imagefolder, tmp_path, capsys):
     data = str(imagefolder["root"])
     code, _, err = _run(["mvitv2-tiny_in1k", str(checkpoint[1]), "--data", data], capsys)
-    assert code == 2 and "Unknown model 'mvitv2-tiny_in1k'. Did you mean mvitv2-tiny_3rdparty_in1k" in err
+    assert code == 2 and "Unknown model 'mvitv2-tiny_in1k'. Did you mean 'mvitv2-tiny_3rdparty_in1k'" in err
     code, _, err = _run([MODEL, str(tmp_path / "nope.pth"), "--data", data], capsys)
     assert code == 2 and f"Checkpoint {tmp_path / 'nope.pth'} does not exist" in err
     bad = tmp_path / "bad.yaml"

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..utils.hints import did_you_mean
+
 __all__ = ["DROP_PATH", "RECIPES", "Recipe", "RecipeError", "get_recipe", "load_recipe_file", "resolve_recipe"]
 
 #: Stochastic depth of the official ImageNet-1k recipes per size (H has no in1k recipe: L's value).
@@ -131,12 +133,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def _apply(recipe: Recipe, overrides: dict[str, Any], where: str) -> Recipe:
-    from difflib import get_close_matches
-
     for key, value in overrides.items():
         if key not in _FIELDS:
-            close = get_close_matches(key, list(_FIELDS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, _FIELDS, n=1)
             raise RecipeError(f"{where}: unknown recipe key {key!r}.{hint} Known keys: {', '.join(sorted(_FIELDS))}.")
         setattr(recipe, key, _coerce(key, value, where))
     return recipe

@@ -16,7 +16,6 @@ resize) needs :func:`build_optimizer` and :func:`build_augmentation`. A ``train_
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from detectron2.data import transforms as T
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from ..models.mvitv2 import NO_WEIGHT_DECAY
+from ..utils.hints import did_you_mean
 
 __all__ = [
     "NO_WEIGHT_DECAY_PARAMS",
@@ -136,11 +136,6 @@ def build_optimizer(cfg: CN, model: torch.nn.Module) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------------------------
 # Config keys that do not exist
 # --------------------------------------------------------------------------------------------
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def _target_params(target: Any) -> tuple[list[str], bool]:
     """(parameter names, accepts **kwargs) of a LazyCall target; ([], True) when it cannot be inspected."""
     if isinstance(target, str):
@@ -194,7 +189,7 @@ def check_lazy_overrides(cfg: Any, overrides: Sequence[str]) -> None:
                         break  # a new argument of the called object: legitimate
                     keys = sorted(set(keys) | set(params))
                 raise ValueError(
-                    f"Unknown config key {key!r}: {where} has no entry {part!r}.{_did_you_mean(part, keys)} "
+                    f"Unknown config key {key!r}: {where} has no entry {part!r}.{did_you_mean(part, keys)} "
                     f"Keys there: {', '.join(map(str, keys)) or '(none)'}."
                 )
             else:
@@ -209,7 +204,7 @@ def unknown_yacs_key_message(cfg: CN, full_key: str) -> str:
         node, i = node[parts[i]], i + 1
     where = ".".join(parts[:i]) or "the config"
     keys = list(node.keys()) if isinstance(node, CN) else []
-    msg = f"Unknown config key {full_key}: {where} has no key {parts[i]!r}.{_did_you_mean(parts[i], keys)}"
+    msg = f"Unknown config key {full_key}: {where} has no key {parts[i]!r}.{did_you_mean(parts[i], keys)}"
     if parts[:2] == ["MODEL", "MVIT"] and "MVIT" not in cfg.MODEL:
         msg += (
             " MODEL.MVIT exists only after mvit_det.detection.add_mvitv2_config(cfg); call it before "

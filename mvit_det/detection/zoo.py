@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+from ..utils.hints import did_you_mean
+
 __all__ = ["DetectorCard", "DETECTORS", "list_detectors", "get_detector_card", "get_detector", "class_names"]
 
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/"
@@ -152,10 +154,7 @@ def get_detector_card(name: str) -> DetectorCard:
     did-you-mean and the list of names."""
     if name in DETECTORS:
         return DETECTORS[name]
-    from difflib import get_close_matches
-
-    close = get_close_matches(name, DETECTORS, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, DETECTORS, cutoff=0.5)
     raise ValueError(f"Unknown detector {name!r}.{hint} Available: {', '.join(DETECTORS)}.")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .mvitv2 import MViTv2
+from ..utils.hints import did_you_mean
 
 __all__ = ["ModelCard", "MODEL_CARDS", "get_card", "list_models", "get_model"]
 
@@ -69,11 +70,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def get_card(name: str) -> ModelCard:
     if name not in MODEL_CARDS:
-        from difflib import get_close_matches
-
-        close = get_close_matches(name, MODEL_CARDS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"Unknown model {name!r}.{hint} Available: {', '.join(list_models())}.")
+        raise ValueError(f"Unknown model {name!r}.{did_you_mean(name, MODEL_CARDS)} Available: {', '.join(list_models())}.")
     return MODEL_CARDS[name]
 
 
