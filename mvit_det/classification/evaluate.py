@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from ..data.images import ImageReadError
+from ..data.images import IMAGE_EXTENSIONS, ImageReadError
 from ..utils.atomic import atomic_open
 from ..utils.hints import did_you_mean
 from ..utils.walk import printable, walk_files
@@ -81,7 +81,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: File endings (lower case) taken as images when scanning a folder; a label file may name any file.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 #: ``--amp`` choices -> autocast dtype.
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

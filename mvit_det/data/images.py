@@ -28,7 +28,10 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "ImageNotFoundError", "ImageSource", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "ImageNotFoundError", "ImageSource", "load_image"]
+
+#: file suffixes that the folder-walking tools (classification and detection) treat as images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 

@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..data.images import IMAGE_EXTENSIONS
+
 __all__ = [
-    "IMAGE_EXTS",
     "CocoResultsWriter",
     "RunError",
     "check_output_dir",
@@ -37,7 +38,6 @@ __all__ = [
     "run_webcam",
 ]
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: OpenCV FourCC code per output container; other extensions are refused before the model loads.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 
@@ -56,7 +56,7 @@ def expand_inputs(items: Iterable[str]) -> list[str]:
     for item in items:
         path = os.path.expanduser(item)
         if os.path.isdir(path):
-            out += sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTS))
+            out += sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         elif any(c in path for c in "*?[") and not os.path.exists(path):
             out += sorted(p for p in glob.glob(path, recursive=True) if not os.path.isdir(p)) or [path]
         else:
