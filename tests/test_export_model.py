@@ -2,7 +2,7 @@
 and yacs configs, to ONNX and TorchScript, each matching PyTorch on real photographs with random weights.
 
 Random weights are ``randomize_``d (spread-out scores), saved with ``save_checkpoint`` and loaded back through the
-tool's ``--weights`` path. To keep the file fast on a small CPU the graphs are exported at 96x96 with 10 proposals
+tool's ``--weights`` path. To keep the file fast on a small CPU the graphs are exported at 128x128 with 10 proposals
 and 5 detections per image (score threshold 0, so that random weights give detections to compare); one PyTorch model
 per config serves both formats. The export is traced on demo/cat.jpg and checked on demo/coffee.jpg as well, an image
 of another size and aspect ratio that the trace never saw.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import demo  # noqa: E402
 import export_model  # noqa: E402
 
-SIZE = 96
+SIZE = 128
 CONFIGS = {
     ("maskrcnn", "lazy"): "configs/mvitv2_t_maskrcnn.py",
     ("maskrcnn", "yacs"): "configs/yacs/mvitv2_t_maskrcnn.yaml",
@@ -135,13 +135,14 @@ def test_export_matches_pytorch(arch, kind, fmt, detectors, tmp_path):
 
 
 def test_cli_export_then_demo(detectors, tmp_path, capsys):
-    """The command line (random weights saved with save_checkpoint, read through --weights) and demo --exported."""
-    model, classes, weights = detectors("maskrcnn", "yacs")
+    """The command line with a zoo name (its config, our random weights saved with save_checkpoint and read through
+    --weights), then demo --exported on the result."""
+    model, classes, weights = detectors("maskrcnn", "lazy")
     out = tmp_path / "exported"
-    rc = export_model.main(["--config", str(REPO / CONFIGS["maskrcnn", "yacs"]), "--weights", weights,
+    rc = export_model.main(["--model", "mask_rcnn_mvitv2_t_3x", "--weights", weights,
                             "--format", "torchscript", "--output", str(out), "--img-size", str(SIZE),
                             "--sample-image", str(REPO / "demo" / "coffee.jpg"),
-                            "--opts", *OPTS["maskrcnn", "yacs"]])  # fmt: skip
+                            "--opts", *OPTS["maskrcnn", "lazy"]])  # fmt: skip
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
     assert "largest differences to PyTorch" in stdout and "(5 detections)" in stdout
@@ -149,6 +150,7 @@ def test_cli_export_then_demo(detectors, tmp_path, capsys):
     assert meta["input"]["size_hw"] == [SIZE, SIZE] and meta["input"]["channel_order"] == "RGB"
     assert meta["outputs"][:4] == ["pred_boxes", "pred_classes", "pred_masks", "scores"]
     assert meta["weights"] == weights and meta["class_names"] == classes
+    assert Path(meta["config"]).resolve() == (REPO / CONFIGS["maskrcnn", "lazy"]).resolve()
 
     cat = _bgr("cat.jpg")
     _assert_close(ExportedPredictor(out / "model.ts")(cat)["instances"],
