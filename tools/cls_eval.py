@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mvit_det.checkpoint.described import described_eval_dataset, read_description
+from mvit_det.utils.dist import is_distributed
 from mvit_det.classification.evaluate import (
     AMP_DTYPES,
     LAYOUTS,
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()
     if summary["evaluated"] == 0:
         if rank == 0:

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from ..data.images import IMAGE_EXTENSIONS, ImageReadError
 from ..utils.atomic import atomic_open
+from ..utils.dist import get_rank, get_world_size, is_distributed
 from ..utils.hints import did_you_mean
 from ..utils.walk import printable, walk_files
 from .transforms import EvalTransform
@@ -442,8 +443,8 @@ def evaluate(
         progress: show a tqdm bar with the running top-1 (rank 0 only).
     """
     device = torch.device(device)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    distributed = is_distributed()
+    rank, world = get_rank(), get_world_size()
     sampler = ShardSampler(len(dataset), world, rank)
     loader = DataLoader(
         dataset,
@@ -648,8 +649,7 @@ def evaluate_checkpoint(
     """
     model = build_model(model_spec, checkpoint_file or checkpoint)
     result = evaluate(model, dataset, batch_size=batch_size, workers=workers, device=device, amp=amp, progress=progress)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = get_rank(), get_world_size()
     digest = sha256_file(checkpoint_file or checkpoint) if rank == 0 else None
     summary = {
         "model": model_spec if model_spec != SELF_DESCRIBED else f"{Path(str(checkpoint)).name} (self-describing)",
@@ -733,7 +733,7 @@ def run_job(job: EvalJob) -> dict[str, Any]:
         job.model, job.checkpoint, job.dataset, checkpoint_file=job.checkpoint_file, batch_size=job.batch_size,
         workers=job.workers, device=job.device, amp=job.amp, progress=job.progress,
     )
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = get_rank()
     if rank == 0:
         _report(summary, result, job)
     return summary

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoint.described import describe_classifier
+from ..utils.dist import is_distributed
 from .evaluate import AMP_DTYPES, EvalDataset, autocast, collate_skip_failed, evaluate
 from .recipes import Recipe, resolve_recipe
 from .train_data import GlobalBatchSampler, TrainDataset, build_train_transform, eval_transform, prepare_data, sample_seed
@@ -79,7 +80,7 @@ class TrainConfig:
 
 def _setup_distributed(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world, whether we created the group). torchrun's environment is enough to join."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_rank(), dist.get_world_size(), False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -294,22 +295,31 @@ class _Run:
             self.sums[3] += len(batch.failed)
             if self.mixup is not None and x.shape[0] % 2:
                 x, y = x[:-1], y[:-1]  # an unreadable image left an odd batch: Mixup pairs images
+            if not x.shape[0]:  # every image of this micro-batch was unreadable: a zero loss keeps DDP in step
+                x = torch.zeros(1, 3, self.recipe.img_size, self.recipe.img_size, device=self.device)
+                y = torch.zeros(1, dtype=torch.long, device=self.device)
+                empty = True
+            else:
+                empty = False
             target = y
-            if self.mixup is not None and x.shape[0]:
+            if self.mixup is not None and not empty:
                 x, target = self.mixup(x, y)
+            elif self.mixup is not None:
+                target = torch.nn.functional.one_hot(y, len(self.names)).float()
             sync = m == accum - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx:
                 with autocast(self.device, cfg.amp):
-                    loss = self.criterion(self.ddp(x), target)
+                    loss = self.criterion(self.ddp(x), target) * (0.0 if empty else 1.0)
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
                 if self.world > 1:
                     dist.all_reduce(bad)
                 if bad.item():
                     raise self._diverged("The loss", float(loss.detach()))
                 self.scaler.scale(loss / accum).backward()
-            total += float(loss.detach()) * x.shape[0]
-            count += x.shape[0]
+            if not empty:
+                total += float(loss.detach()) * x.shape[0]
+                count += x.shape[0]
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.recipe.clip_grad:
@@ -348,15 +358,15 @@ class _Run:
         it, start = iter(loader), time.perf_counter()
         try:
             while self.step_in_epoch < spe:
+                if cfg.stop_at_step is not None and self.global_step >= cfg.stop_at_step:
+                    self.sums[2] += time.perf_counter() - start
+                    self.save_state()
+                    return False
                 loss = self.train_step([next(it) for _ in range(cfg.accum_steps)])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.current_lr():.2e}")
                 if self.rank == 0:
                     self.metrics.step(self.global_step, loss, self.current_lr())
-                if cfg.stop_at_step is not None and self.global_step >= cfg.stop_at_step and self.step_in_epoch < spe:
-                    self.sums[2] += time.perf_counter() - start
-                    self.save_state()
-                    return False
         finally:
             bar.close()
         self.sums[2] += time.perf_counter() - start
