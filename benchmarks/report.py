@@ -35,6 +35,9 @@ def run_markdown(run: dict[str, Any], hw: dict[str, Any]) -> str:
     diff_cols = ["max rel diff fp32"] + ([f"max rel diff {dtype}"] if dtype != "fp32" else [])
     head = ["implementation", "img/s", "p50 ms", "p90 ms", "p99 ms", "peak mem MB", *diff_cols, "speed-up of ours",
             "GFLOP/s (% of fp32 mm)"]
+    compiled = run["settings"]["compile"]
+    if compiled:
+        head.append("graph breaks")
     gemm = hw.get("gemm_fp32_gflops")
     fresh = run.get("fresh_process_memory")
     if fresh:
@@ -58,6 +61,8 @@ def run_markdown(run: dict[str, Any], hw: dict[str, Any]) -> str:
         rate = None if run["gflops_per_image"] is None else 2 * run["gflops_per_image"] * m["images_per_s"]
         share = f" ({100 * rate / gemm:.0f}%)" if rate is not None and gemm else ""
         cells.append(_fmt(rate, ".3g") + share)
+        if compiled:
+            cells.append(str(m.get("graph_breaks", "–")))
         lines.append("| " + " | ".join(cells) + " |")
     gf = run["gflops_per_image"]
     lines += [
@@ -149,6 +154,9 @@ def run_report(settings: Sequence[Settings], mode: str = "single") -> dict[str, 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if s0.device == "cpu" and s0.threads:
         torch.set_num_threads(s0.threads)
+    if s0.device == "cuda":  # "fp32" on a GPU means TF32 matmuls and convolutions, as timm and detectron2 train
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     gemm = gemm_gflops(s0.device)
     runs = []
     for i, s in enumerate(settings):

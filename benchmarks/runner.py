@@ -89,6 +89,14 @@ def build_contenders(wl: Workload, only: Optional[str] = None) -> tuple[list[Con
     return contenders, skipped
 
 
+def _count_graph_breaks(step: Callable[[], Any]) -> int:
+    """Run ``step`` once (which compiles it) and return the graph breaks torch.compile reported on the way."""
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    step()
+    return int(sum(counters["graph_break"].values()))
+
+
 def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
     """Benchmark one configuration; returns the JSON-ready result (see ``--out-json``)."""
     wl = WORKLOADS[s.task](s)
@@ -112,10 +120,12 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
     flops, flops_note = wl.flops(ours.model)
 
     # 2. Timing, interleaved.
+    graph_breaks: dict[str, Optional[int]] = {}
     for c in contenders:
         if s.compile:
             c.model = wl.compile(c.model)
         c.step = wl.make_step(c.model)
+        graph_breaks[c.name] = _count_graph_breaks(c.step) if s.compile else None
     times = time_round_robin({c.name: c.step for c in contenders}, s.warmup, s.iters, s.device, progress_desc)
 
     # 3. Peak memory of one more step each (not timed).
@@ -140,6 +150,7 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
                 "memory_ratio": None if mem is None or not memory[OURS] else mem / memory[OURS],
                 "max_rel_diff": numerics[c.name] or None,
                 "noise_warning": noisy,
+                "graph_breaks": graph_breaks[c.name],
             }
         )
     result = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Optional
@@ -67,6 +68,11 @@ def _synthetic_instances(h: int, w: int, num_classes: int, n: int, seed: int):
     return inst
 
 
+def compile_backend() -> str:
+    """``torch.compile`` backend: inductor, or ``eager`` for the GPU plan's CPU dry run (tracing, no codegen)."""
+    return os.environ.get("MVIT_BENCH_COMPILE_BACKEND", "inductor")
+
+
 class Workload:
     """A task: builds our model and the references, and knows what one benchmark step is."""
 
@@ -110,7 +116,7 @@ class Workload:
         raise NotImplementedError
 
     def compile(self, model: nn.Module) -> nn.Module:
-        return torch.compile(model)
+        return torch.compile(model, backend=compile_backend())
 
 
 class ClsWorkload(Workload):
@@ -231,7 +237,7 @@ class DetModelWorkload(Workload):
     def compile(self, model: nn.Module) -> nn.Module:
         # The detector's heads are dynamic (data-dependent proposal counts); compile the trunk, which is
         # where the implementations differ.
-        model.backbone.bottom_up = torch.compile(model.backbone.bottom_up)
+        model.backbone.bottom_up = torch.compile(model.backbone.bottom_up, backend=compile_backend())
         return model
 
     def make_step(self, model: nn.Module) -> Callable[[], Any]:
