@@ -76,9 +76,9 @@ def _max_diff(a: dict, b: dict) -> float:
 # --------------------------------------------------------------------------------------------------------
 # A real data set, trained once: held-out top-1, outputs, and the self-describing checkpoint
 # --------------------------------------------------------------------------------------------------------
-#: scikit-learn's digits at 32x32, 40 images per digit (8 held out), 4 epochs of the quick recipe. The held-out
-#: top-1 this must reach; chance is 10%.
-DIGITS_MIN_TOP1 = 60.0
+#: scikit-learn's digits at 32x32, 30 images per digit (6 held out), 3 epochs of the quick recipe (36 steps of
+#: 20 images). The held-out top-1 this must reach; chance is 10%.
+DIGITS_MIN_TOP1 = 50.0
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +87,17 @@ def digits_run(tmp_path_factory):
     from mvit_det.data.digits import write_digits
 
     root = tmp_path_factory.mktemp("digits")
-    info = write_digits(root / "data", size=32, per_class=40, val_fraction=0.2)
+    info = write_digits(root / "data", size=32, per_class=30, val_fraction=0.2)
     out = root / "out"
     cfg = _cfg(info["train_dir"], out, val_data=info["val_dir"], ckpt_every=2,
-               overrides=dict(epochs=4, batch_size=16, lr=2e-3, warmup_epochs=0.5))
+               overrides=dict(epochs=3, batch_size=20, lr=1e-3, warmup_epochs=0.2))
     summary = train(cfg)
     return {"summary": summary, "out": out, **info}
 
 
 def test_digits_reach_the_stated_held_out_top1(digits_run):
     s = digits_run["summary"]
-    assert s["val_images"] == 80 and s["train_images"] == 320
+    assert s["val_images"] == 60 and s["train_images"] == 240
     assert s["val_top1"] >= DIGITS_MIN_TOP1, s["records"]
     losses = [r["loss"] for r in s["records"]]
     assert losses[-1] < losses[0] * 0.7, losses
@@ -105,12 +105,12 @@ def test_digits_reach_the_stated_held_out_top1(digits_run):
 
 def test_outputs(digits_run):
     out = digits_run["out"]
-    for name in ("model_final.pth", "model_best.pth", "last.pth", "checkpoint_epoch_0002.pth",
-                 "checkpoint_epoch_0004.pth", "metrics.json", "confusion_matrix.png"):
+    for name in ("model_final.pth", "model_best.pth", "last.pth", "checkpoint_epoch_0002.pth", "metrics.json",
+                 "confusion_matrix.png"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     records = json.loads((out / "metrics.json").read_text())
-    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
     for r in records:
         assert {"loss", "lr", "val_top1", "val_top5", "images_per_s"} <= r.keys()
         assert math.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 <= r["val_top1"] <= r["val_top5"] <= 100
@@ -118,7 +118,7 @@ def test_outputs(digits_run):
     best = load_file(out / "model_best.pth")["meta"]
     assert best["val_top1"] == max(r["val_top1"] for r in records)
     cm = np.array(digits_run["summary"]["confusion_matrix"])
-    assert cm.shape == (10, 10) and cm.sum() == 80 and cm.sum(axis=1).tolist() == [8] * 10
+    assert cm.shape == (10, 10) and cm.sum() == 60 and cm.sum(axis=1).tolist() == [6] * 10
     assert 100 * np.trace(cm) / cm.sum() == pytest.approx(records[-1]["val_top1"])
     with Image.open(out / "confusion_matrix.png") as im:
         assert im.size[0] > 200 and im.size[1] > 200
@@ -156,9 +156,9 @@ def test_cls_eval_one_and_two_arguments(digits_run, tmp_path, capsys):
     for args, name in (([path], "one.json"), ([MODEL, path], "two.json")):
         assert cls_eval.main([*args, "--data", val, "--workers", "0", "--no-progress", "--out", str(tmp_path / name)]) == 0
     one, two = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
-    # The same protocol as the training's validation: the same top-1, on all 80 images, at 32x32.
+    # The same protocol as the training's validation: the same top-1, on all 60 images, at 32x32.
     assert one["top1"] == pytest.approx(digits_run["summary"]["val_top1"]) == two["top1"]
-    assert one["evaluated"] == 80 and "crop_size=32" in one["preprocessing"]
+    assert one["evaluated"] == 60 and "crop_size=32" in one["preprocessing"]
     # A validation folder with some classes missing is matched by name.
     sub = tmp_path / "val_subset"
     for d in (2, 7):
@@ -208,6 +208,36 @@ def test_classifier_initialises_the_detector_backbone(digits_run):
                 continue
             assert torch.equal(got, trained[k]), k
         assert not any(k.startswith("backbone.bottom_up.head") for k in sd)
+
+
+def test_pretrained_from_a_fine_tune_and_from_a_detector_trunk(digits_run, tmp_path, caplog):
+    """--pretrained takes a previous fine-tune (new head for another class count) and a detector's trunk."""
+    from mvit_det.classification.train_state import load_pretrained
+    from mvit_det.models import MViTv2
+
+    r = resolve_recipe("tiny", overrides=dict(FAST))
+    previous = str(digits_run["out"] / "model_final.pth")
+    trained = load_file(previous)["model"]
+    model, _ = build_model(MODEL, 2, r, act_checkpoint=False)
+    how = load_pretrained(model, MODEL, previous)
+    assert "new 2-class head (the checkpoint has 10 classes)" in how
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], trained[k]) for k in trained if not k.startswith("head."))
+    assert sd["head.fc.weight"].shape == (2, 768)
+
+    trunk = MViTv2("tiny", detection=True, pretrain_img_size=32).state_dict()
+    det = tmp_path / "detector.pth"
+    torch.save({"model": {"backbone.bottom_up." + k: v for k, v in trunk.items()}}, det)
+    model, _ = build_model(MODEL, 2, r, act_checkpoint=False)
+    how = load_pretrained(model, MODEL, str(det))
+    assert "trunk from the detector checkpoint" in how and "norm and head are new" in how
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in trunk.items() if k.startswith(("blocks.", "patch_embed.")))
+
+    data = _folder(tmp_path / "d", {"a": 2, "b": 2})
+    with caplog.at_level("INFO"):
+        train(_cfg(data, tmp_path / "out", pretrained=previous, overrides=dict(batch_size=4)))
+    assert "new 2-class head" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -339,8 +369,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert state["train_state"]["epoch"] >= 1  # saved after a finished epoch, before the bad step
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (out / "model_final.pth").exists()
-    with pytest.raises(TrainingDiverged):
-        train(_cfg(data, tmp_path / "again", overrides=dict(epochs=3, lr=1e30, clip_grad=None)))
+    # --resume continues from that checkpoint, and diverges again with the same learning rate.
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(_cfg(data, out, resume=True, overrides=dict(epochs=3, lr=1e30, clip_grad=None)))
 
 
 def test_bad_inputs(tmp_path):
