@@ -1,0 +1,208 @@
+"""Parity per recipe family of the detector zoo: a detectron2 model-zoo ``.pkl`` written from detectron2's own
+model (built here from detectron2's modeling classes exactly as its project configs build it, random non-trivial
+weights) gives the same detections through ``get_detector(name, pretrained=pkl)`` as through detectron2.
+
+Families: MViTv2 Mask R-CNN, MViTv2 Cascade Mask R-CNN (projects/MViTv2), ViTDet Cascade Mask R-CNN on COCO and on
+LVIS v1 (projects/ViTDet, MViTv2 backbone). To stay within a CPU budget every family runs with the MViTv2-T trunk
+(the zoo entry's ``model.backbone.bottom_up.size`` set to tiny; detectron2's ``MViT`` with T's depth and widths) on a
+240x320 photo, the ViTDet ones with a 320 square pad instead of 1024, and with 100 proposals per image instead of
+1000 (the cascade's 4-conv box heads on 1000 RoIs x 3 stages dominate the CPU time); the heads, FPN,
+normalisation, LVIS predictor settings and checkpoint path are the entry's own. For the B entries the full-size models are also compared key by
+key and shape by shape (no inference).
+"""
+from __future__ import annotations
+
+import pickle
+from functools import partial
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
+from detectron2.data.detection_utils import get_fed_loss_cls_weights
+from detectron2.layers import ShapeSpec
+from detectron2.layers.batch_norm import NaiveSyncBatchNorm
+from detectron2.modeling import MViT
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
+from skimage import data as skdata
+from torch import nn
+
+from mvit_det.detection.run_config import load_config
+from mvit_det.detection.zoo import get_detector, get_detector_card
+
+# detectron2's MViT arguments per size (projects/MViTv2 and projects/ViTDet configs)
+D2_MVIT = {
+    "tiny": dict(embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), drop_path_rate=0.2),
+    "base": dict(embed_dim=96, depth=24, num_heads=1, last_block_indexes=(1, 4, 20, 23), drop_path_rate=0.4),
+}
+SQUARE = 320
+PROPOSALS = 100
+
+
+def d2_model(family: str, size: str = "tiny"):
+    """detectron2's own model of the family, from its modeling classes, as its project configs write it."""
+    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    constants = model_zoo.get_config("common/data/constants.py").constants
+    model.pixel_mean = constants.imagenet_rgb256_mean
+    model.pixel_std = constants.imagenet_rgb256_std
+    model.input_format = "RGB"
+    model.backbone.bottom_up = L(MViT)(
+        **D2_MVIT[size],
+        residual_pooling=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        out_features=("scale2", "scale3", "scale4", "scale5"),
+    )
+    model.backbone.in_features = "${.bottom_up.out_features}"
+    model.proposal_generator.pre_nms_topk = (2000, PROPOSALS * 5)
+    model.proposal_generator.post_nms_topk = (1000, PROPOSALS)
+    if family == "mask_rcnn":
+        model.roi_heads.box_predictor.test_score_thresh = 0.0
+        return model
+    vitdet = family.startswith("vitdet")
+    if vitdet:  # projects/ViTDet/configs/COCO/cascade_mask_rcnn_mvitv2_b_in21k_100ep.py
+        model.backbone.square_pad = SQUARE
+        model.backbone.norm = "LN"
+        norm = "LN"
+    else:  # projects/MViTv2/configs/cascade_mask_rcnn_mvitv2_t_3x.py
+        norm = lambda c: NaiveSyncBatchNorm(c, stats_mode="N")  # noqa: E731
+    model.proposal_generator.head.conv_dims = [-1, -1]
+    [model.roi_heads.pop(k) for k in ["box_head", "box_predictor", "proposal_matcher"]]
+    model.roi_heads.update(
+        _target_=CascadeROIHeads,
+        box_heads=[
+            L(FastRCNNConvFCHead)(input_shape=ShapeSpec(channels=256, height=7, width=7), conv_dims=[256] * 4,
+                                  fc_dims=[1024], conv_norm=norm)  # fmt: skip
+            for _ in range(3)
+        ],
+        box_predictors=[
+            L(FastRCNNOutputLayers)(input_shape=ShapeSpec(channels=1024), test_score_thresh=0.0,
+                                    box2box_transform=L(Box2BoxTransform)(weights=(w1, w1, w2, w2)),
+                                    cls_agnostic_bbox_reg=True, num_classes="${...num_classes}")  # fmt: skip
+            for (w1, w2) in [(10, 5), (20, 10), (30, 15)]
+        ],
+        proposal_matchers=[
+            L(Matcher)(thresholds=[th], labels=[0, 1], allow_low_quality_matches=False) for th in [0.5, 0.6, 0.7]
+        ],
+    )
+    model.roi_heads.mask_head.conv_norm = norm
+    if family == "vitdet_lvis":  # projects/ViTDet/configs/LVIS/cascade_mask_rcnn_mvitv2_b_in21k_100ep.py
+        model.roi_heads.num_classes = 1203
+        for p in model.roi_heads.box_predictors:
+            p.test_topk_per_image = 300
+            p.use_sigmoid_ce = True
+            p.use_fed_loss = True
+            p.get_fed_loss_cls_weights = lambda: get_fed_loss_cls_weights("lvis_v1_train", 0.5)
+    return model
+
+
+FAMILIES = {
+    "mask_rcnn": "mask_rcnn_mvitv2_t_3x",
+    "cascade": "cascade_mask_rcnn_mvitv2_t_3x",
+    "vitdet_coco": "vitdet_coco_cascade_mask_rcnn_mvitv2_b_in21k_100ep",
+    "vitdet_lvis": "vitdet_lvis_cascade_mask_rcnn_mvitv2_b_in21k_100ep",
+}
+
+
+def zoo_opts(family: str) -> list[str]:
+    opts = ["model.backbone.bottom_up.size=tiny", f"model.proposal_generator.pre_nms_topk=[2000,{PROPOSALS * 5}]",
+            f"model.proposal_generator.post_nms_topk=[1000,{PROPOSALS}]"]
+    if family == "mask_rcnn":
+        opts.append("model.roi_heads.box_predictor.test_score_thresh=0.0")
+    else:
+        opts += [f"model.roi_heads.box_predictors.{i}.test_score_thresh=0.0" for i in range(3)]
+    if family.startswith("vitdet"):  # the ViTDet test resize (longer side = square size), at 320 instead of 1024
+        opts += [f"model.backbone.square_pad={SQUARE}", f"dataloader.test.mapper.augmentations.0.short_edge_length={SQUARE}",
+                 f"dataloader.test.mapper.augmentations.0.max_size={SQUARE}"]  # fmt: skip
+    else:
+        opts += ["dataloader.test.mapper.augmentations.0.short_edge_length=240",
+                 "dataloader.test.mapper.augmentations.0.max_size=320"]  # fmt: skip
+    return opts
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int = 0) -> None:
+    """Informative random weights (detectron2 zero-inits the rel-pos tables; its predictors barely move boxes)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("rel_pos_h", "rel_pos_w")):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        elif "norm" in name and name.endswith(".weight") and p.ndim == 1:
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+        elif name.endswith(".bias"):
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        elif "cls_score" in name or "bbox_pred" in name or "mask_head.predictor" in name:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def write_pkl(model: nn.Module, path) -> str:
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "test"}, f)
+    return str(path)
+
+
+def assert_same_detections(got, expected, tie: float = 1e-5) -> None:
+    """Same detections, in the same order except among scores tied within ``tie`` (with 1203 sigmoid classes the
+    two implementations' rounding can swap them): each detection is matched to one of the other side with the same
+    class and score and the same box (1e-3 px) and mask (< 0.1 % of pixels); only the lowest-scoring ones, which
+    can fall on either side of the top-k cut, may be unmatched."""
+    assert len(got) == len(expected)
+    gb, eb = got.pred_boxes.tensor, expected.pred_boxes.tensor
+    unmatched = []
+    used = torch.zeros(len(got), dtype=torch.bool)
+    for i in range(len(expected)):
+        cand = (~used) & (got.pred_classes == expected.pred_classes[i]) & ((got.scores - expected.scores[i]).abs() <= tie)
+        cand &= (gb - eb[i]).abs().max(dim=1).values <= 1e-3
+        idx = cand.nonzero().flatten()
+        if len(idx) == 0:
+            unmatched.append(i)
+            continue
+        j = idx[0]
+        used[j] = True
+        assert (got.pred_masks[j] != expected.pred_masks[i]).float().mean() < 1e-3
+    cut = float(expected.scores.min()) + tie
+    assert all(float(expected.scores[i]) <= cut for i in unmatched), [float(expected.scores[i]) for i in unmatched]
+    assert len(unmatched) <= 2
+    torch.testing.assert_close(got.scores, expected.scores, atol=tie, rtol=0)  # sorted scores agree everywhere
+
+
+@pytest.fixture(scope="module")
+def photo_bgr() -> np.ndarray:
+    rgb = cv2.resize(skdata.astronaut(), (320, 240), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_zoo_entry_matches_detectron2(family, tmp_path, photo_bgr):
+    torch.manual_seed(0)
+    ref = instantiate(d2_model(family)).eval()
+    randomise(ref)
+    pkl = write_pkl(ref, tmp_path / "model_final.pkl")
+
+    ours = get_detector(FAMILIES[family], pretrained=pkl, device="cpu", opts=zoo_opts(family))
+    assert set(ours.model.state_dict()) == set(ref.state_dict())
+    inputs = ours._model_input(photo_bgr)
+    assert inputs["image"].shape[1:] == ((SQUARE * 3 // 4, SQUARE) if family.startswith("vitdet") else (240, 320))
+    with torch.no_grad():
+        expected = ref([inputs])[0]["instances"]
+    got = ours(photo_bgr)["instances"]
+
+    assert len(expected) == (300 if family == "vitdet_lvis" else 100)  # score threshold 0: a full set
+    assert got.image_size == expected.image_size == (240, 320)
+    assert_same_detections(got, expected)
+    # the comparison is between informative outputs
+    assert expected.scores.std() > 1e-3 and len(expected.pred_classes.unique()) > 2
+    assert ours.metadata.thing_classes == get_detector_card(FAMILIES[family]).classes
+
+
+@pytest.mark.parametrize("family", ["cascade", "vitdet_coco", "vitdet_lvis"])
+def test_base_entries_have_detectron2s_keys_and_shapes(family):
+    """The B entries (no size override) have exactly the parameters of detectron2's B model of the family."""
+    name = {"cascade": "cascade_mask_rcnn_mvitv2_b_3x"}.get(family, FAMILIES[family])
+    ours = instantiate(load_config(str(get_detector_card(name).config_path)).model)
+    ref = instantiate(d2_model(family, "base"))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
