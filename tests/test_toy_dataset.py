@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -93,6 +94,29 @@ def test_annotations_describe_visible_parts():
     assert pairs > 20  # the check above actually ran on many pairs
 
 
+def test_default_shapes_are_few_large_and_contrasting():
+    """Version 2 of the generator (the main job's data): 1-3 shapes per image, none small, each clearly coloured."""
+    spec = ToySpec()
+    assert (spec.version, spec.max_objects, spec.min_radius, spec.min_contrast) == (2, 3, 0.12, 140.0)
+    counts = []
+    for i in range(30):
+        img, annos = toy.render_toy_image(np.random.default_rng([0, 0, i]), spec)
+        counts.append(len(annos))
+        for a in annos:
+            # Even a partly hidden shape keeps a side of at least the smallest circumradius (31 px at 256x320).
+            assert max(a["bbox"][2], a["bbox"][3]) >= spec.min_radius * 256, a["bbox"]
+            mask = mask_util.decode(mask_util.merge(mask_util.frPyObjects(a["segmentation"], 256, 320))).astype(bool)
+            inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            ring = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool) & ~cv2.dilate(
+                mask.astype(np.uint8), np.ones((3, 3), np.uint8)
+            ).astype(bool)
+            # The shape's flat colour (noise-free inside) stands out from what is drawn right around it.
+            inside = img[inner].astype(float).mean(axis=0)
+            around = img[ring].astype(float)
+            assert np.linalg.norm(around - inside, axis=1).mean() > 60, (i, a["bbox"])
+    assert set(counts) == {1, 2, 3}
+
+
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     real = toy._write_split
 
@@ -131,6 +155,8 @@ def test_spec_validation():
         ToySpec(height=32)
     with pytest.raises(ValueError, match="num_train and num_val must be >= 1"):
         ToySpec(num_val=0)
+    with pytest.raises(ValueError, match="min_radius <= max_radius"):
+        ToySpec(min_radius=0.3, max_radius=0.2)
 
 
 @pytest.fixture

@@ -1,8 +1,11 @@
 """A small, built-in instance-segmentation dataset of rendered shapes ("mvit_toy").
 
 It exists so that training, evaluation and the demo can run end to end on a CPU machine without downloading COCO.
-Each image (H x W = 256 x 320 by default) has a random background (flat or a gradient, plus noise) and 1-4 filled
-shapes of three classes (circle, square, triangle) with random colours, sizes, rotations and positions. Shapes may
+Each image (H x W = 256 x 320 by default) has a random background (flat or a gradient, plus noise) and 1-3 filled
+shapes of three classes (circle, square, triangle) with random colours, sizes, rotations and positions. Each shape's
+circumradius is 12-30% of the image's short side and its colour differs clearly from the pixels it covers (RGB
+distance >= 140), so that a detector trained for minutes on a CPU can find and name every shape (generator version 2;
+version 1 drew up to 4 shapes down to 8% of the short side, against the mean colour of the whole image). Shapes may
 overlap; later shapes occlude earlier ones, and every annotation describes the *visible* part (box, polygons, area),
 so an occluded object can have a mask of several polygons. Each object keeps at least 60% of its area visible.
 
@@ -50,7 +53,7 @@ TOY_CLASSES = ("circle", "square", "triangle")
 TOY_COLORS = ((220, 20, 60), (0, 130, 255), (255, 170, 0))  # RGB, for the Visualizer
 TOY_DATASET_NAMES = ("mvit_toy_train", "mvit_toy_val")
 _DIRNAME = "mvit_toy"
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _MIN_VISIBLE = 0.6  # an object must keep this fraction of its area after later shapes are drawn over it
 
 
@@ -62,7 +65,10 @@ class ToySpec:
     num_val: int = 50
     height: int = 256
     width: int = 320
-    max_objects: int = 4
+    max_objects: int = 3
+    min_radius: float = 0.12  # circumradius range, as a fraction of the short side
+    max_radius: float = 0.3
+    min_contrast: float = 140.0  # RGB distance (0-255 scale) of a shape's colour from the pixels it covers
     seed: int = 0
     version: int = _GENERATOR_VERSION
 
@@ -73,6 +79,8 @@ class ToySpec:
             raise ValueError(f"num_train and num_val must be >= 1, got {self.num_train} and {self.num_val}.")
         if self.max_objects < 1:
             raise ValueError(f"max_objects must be >= 1, got {self.max_objects}.")
+        if not 0 < self.min_radius <= self.max_radius <= 0.45:
+            raise ValueError(f"Need 0 < min_radius <= max_radius <= 0.45, got {self.min_radius} and {self.max_radius}.")
 
 
 def default_datasets_root() -> Path:
@@ -103,10 +111,10 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _shape_polygon(rng: np.random.Generator, cls: int, h: int, w: int) -> np.ndarray:
+def _shape_polygon(rng: np.random.Generator, cls: int, spec: ToySpec) -> np.ndarray:
     """Vertices (N, 2) int32 in (x, y) pixel coordinates of one shape lying fully inside the image."""
-    short = min(h, w)
-    size = rng.uniform(0.08, 0.3) * short  # circumradius
+    h, w = spec.height, spec.width
+    size = rng.uniform(spec.min_radius, spec.max_radius) * min(h, w)  # circumradius
     cx = rng.uniform(size + 2, w - size - 2)
     cy = rng.uniform(size + 2, h - size - 2)
     if cls == 0:  # circle, as a fine polygon so that mask and outline agree
@@ -119,14 +127,19 @@ def _shape_polygon(rng: np.random.Generator, cls: int, h: int, w: int) -> np.nda
     return np.round(pts).astype(np.int32)
 
 
-def _contrasting_color(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-    """An RGB colour at least 100 (L2, 0-255 scale) away from the mean background colour."""
-    mean = background.reshape(-1, 3).mean(axis=0)
-    for _ in range(100):
+def _contrasting_color(rng: np.random.Generator, regions: list[np.ndarray], min_contrast: float) -> np.ndarray:
+    """An RGB colour at least ``min_contrast`` (L2, 0-255 scale) from the mean colour of each region in ``regions``
+    (the background and each earlier shape under the new one); the best of 200 draws if none is that far."""
+    means = [r.reshape(-1, 3).astype(np.float64).mean(axis=0) for r in regions if r.size]
+    best, best_d = None, -1.0
+    for _ in range(200):
         color = rng.integers(0, 256, size=3)
-        if np.linalg.norm(color - mean) >= 100:
+        d = min((float(np.linalg.norm(color - m)) for m in means), default=float("inf"))
+        if d >= min_contrast:
             return color
-    return 255 - np.round(mean).astype(np.int64)
+        if d > best_d:
+            best, best_d = color, d
+    return best
 
 
 def _mask_to_polygons(mask: np.ndarray) -> list[list[int]]:
@@ -148,7 +161,7 @@ def render_toy_image(rng: np.random.Generator, spec: ToySpec) -> tuple[np.ndarra
     for _ in range(int(rng.integers(1, spec.max_objects + 1))):
         for _attempt in range(20):
             cls = int(rng.integers(0, len(TOY_CLASSES)))
-            pts = _shape_polygon(rng, cls, h, w)
+            pts = _shape_polygon(rng, cls, spec)
             canvas = np.zeros((h, w), dtype=np.uint8)
             cv2.fillPoly(canvas, [pts], 1)
             new = canvas.astype(bool)
@@ -160,7 +173,8 @@ def render_toy_image(rng: np.random.Generator, spec: ToySpec) -> tuple[np.ndarra
                 break
         else:
             continue
-        img[new] = _contrasting_color(rng, img)
+        covered = [img[new & (labels == k)] for k in range(len(objects) + 1)]  # background, then each shape
+        img[new] = _contrasting_color(rng, covered, spec.min_contrast)
         labels[new] = len(objects) + 1
         objects.append((cls, int(new.sum())))
 
