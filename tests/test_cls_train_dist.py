@@ -41,17 +41,11 @@ def _data(root: Path) -> Path:
 
 
 def _run(cmd: list[str], out: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "final validation" in proc.stdout
     assert (out / "model_final.pth").is_file()
-
-
-def _diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a)["model"], load_file(b)["model"]
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
 def test_two_processes_and_torchrun_equal_one_process(tmp_path):
@@ -65,12 +59,18 @@ def test_two_processes_and_torchrun_equal_one_process(tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(TOOL), *common,
           "--output", str(tmp_path / "trun")], tmp_path / "trun")
     one = tmp_path / "one" / "model_final.pth"
-    assert _diff(one, tmp_path / "two" / "model_final.pth") < 1e-5
-    assert _diff(one, tmp_path / "trun" / "model_final.pth") < 1e-5
-    # The weights did move: the equality is not that of three untrained models.
     state = load_file(tmp_path / "one" / "last.pth")["train_state"]
     assert state["global_step"] == 2 and state["epoch"] == 2
     torch.manual_seed(0)  # the run's seed: the same initial weights
     initial, _ = build_model("mvitv2-tiny_3rdparty_in1k", 2, resolve_recipe("tiny", config=recipe), act_checkpoint=False)
-    final = load_file(one)["model"]
-    assert max(float((final[k] - v).abs().max()) for k, v in initial.state_dict().items()) > 1e-4
+    init = initial.state_dict()
+    ref = load_file(one)["model"]
+    update = torch.cat([(ref[k] - init[k]).flatten() for k in ref])
+    assert update.abs().max() > 1e-4  # the weights did move: not the equality of three untrained models
+    for other in ("two", "trun"):
+        got = load_file(tmp_path / other / "model_final.pth")["model"]
+        diff = torch.cat([(got[k] - ref[k]).flatten() for k in ref])
+        # Float summation order differs (gradients averaged over processes); Adam divides by sqrt(v), so a weight
+        # whose gradient is ~0 can move by a visible fraction of lr. Bound both the worst weight and the whole.
+        assert diff.abs().max() < 2e-4, other
+        assert diff.norm() < 1e-2 * update.norm(), (other, float(diff.norm()), float(update.norm()))

@@ -61,7 +61,8 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if n <= 40:
-        ax.set_xticks(range(n), labels=class_names, rotation=90 if n > 10 else 0)
+        long_names = n > 10 or max(len(str(c)) for c in class_names) > 3
+        ax.set_xticks(range(n), labels=class_names, rotation=45 if long_names else 0, ha="right" if long_names else "center")
         ax.set_yticks(range(n), labels=class_names)
         for i in range(n):
             for j in range(n):

@@ -97,7 +97,8 @@ def load_pretrained(model: MViTv2, model_name: str, pretrained: Optional[str]) -
     if not info.has_final_norm:  # a detection trunk: no classifier norm / head to take
         report = load_checkpoint(model, source, strict=False)
         wrong = [k for k in report.missing if not k.startswith(("norm.", "head."))]
-        if wrong or report.unexpected or report.mismatched:
+        wrong += [k for k in report.unexpected if not (k.startswith("scale") and "_norm." in k)]  # stage norms
+        if wrong or report.mismatched:
             raise ValueError(f"Checkpoint {source} does not fit {model_name}'s trunk: {report.summary()}")
         return f"trunk from the detector checkpoint {source} ({len(report.loaded)} weights); norm and head are new"
     new_head = info.num_classes != model.num_classes
