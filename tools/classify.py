@@ -63,12 +63,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _describes_itself(weights: str) -> bool:
+    """Whether --weights names its own model; an unreadable file is reported by get_model below."""
+    try:
+        return describes_itself(weights)
+    except Exception:
+        return False
+
+
 def build_model(name: str | None, weights: str | None) -> tuple[torch.nn.Module, bool]:
     """The model and whether its weights are real. Exits with status 2 if ``--weights`` fails."""
     if weights is not None:
+        if name is None and not _describes_itself(weights):
+            name = DEFAULT_MODEL
         try:
-            if name is None and not describes_itself(weights):
-                name = DEFAULT_MODEL
             return get_model(name, pretrained=weights), True
         except Exception as e:  # any loader failure is the user's file: report it, don't trace back
             print(f"error: cannot load --weights {weights} into {name or 'its model'}: {type(e).__name__}: {e}",
