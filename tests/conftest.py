@@ -70,7 +70,8 @@ def toy_detector_weights(tmp_path_factory) -> str:
     144), saved like a detectron2 checkpoint."""
     from pathlib import Path
 
-    from mvit_det.detection.engine import build_model, load_config
+    from mvit_det.detection.builders import build_model
+    from mvit_det.detection.run_config import load_config
 
     torch.manual_seed(0)
     config = Path(__file__).resolve().parents[1] / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py"

@@ -15,7 +15,9 @@ from detectron2.config import LazyCall as L  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 
-from mvit_det.detection.engine import build_model, do_train, head_num_classes, load_config  # noqa: E402
+from mvit_det.detection.builders import build_model, head_num_classes  # noqa: E402
+from mvit_det.detection.engine import do_train  # noqa: E402
+from mvit_det.detection.run_config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red_box", "green_box", "blue_disc"]

@@ -120,7 +120,8 @@ def test_unknown_name_did_you_mean():
 def published_pkl(tmp_path_factory):
     """A detectron2-style model-zoo .pkl of the mask_rcnn_mvitv2_t_3x model (seeded random weights), named
     ``model_final_<md5[:6]>.pkl`` like detectron2's files, plus a copy whose name carries a wrong hash."""
-    from mvit_det.detection.engine import build_model, load_config
+    from mvit_det.detection.builders import build_model
+    from mvit_det.detection.run_config import load_config
 
     torch.manual_seed(3)
     model = build_model(load_config(str(get_detector_card(NAME).config_path)))
@@ -192,3 +193,26 @@ def test_local_checkpoint_path(published_pkl, ckpt_hub_dir):
     assert not ckpt_hub_dir.exists()  # a local file is not copied into the cache
     with pytest.raises(FileNotFoundError, match="does not exist"):
         get_detector(NAME, pretrained=str(folder / "nope.pkl"), device="cpu")
+
+
+def test_demo_model_flag_writes_coco_categories(published_pkl, tmp_path, capsys):
+    """``tools/demo.py --model NAME`` works as --config does; the JSON carries COCO's own category ids."""
+    import cv2
+    from pycocotools.coco import COCO
+    from skimage import data as skdata
+    from test_demo_batch import demo
+
+    _, folder, name, _ = published_pkl
+    image = tmp_path / "astronaut.png"
+    cv2.imwrite(str(image), cv2.resize(skdata.astronaut(), (160, 120))[:, :, ::-1])
+    out = tmp_path / "res.json"
+    rc = demo.main(["--model", NAME, "--weights", str(folder / name), "--input", str(image), "--json", str(out),
+                    "--device", "cpu", "--no-progress", "--opts", "model.roi_heads.box_predictor.test_score_thresh=0.0",
+                    "dataloader.test.mapper.augmentations.0.short_edge_length=120",
+                    "dataloader.test.mapper.augmentations.0.max_size=160"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    coco = COCO(str(out))
+    cats = {c["name"]: c["id"] for c in coco.loadCats(coco.getCatIds())}
+    assert len(cats) == 80 and cats["person"] == 1 and cats["toothbrush"] == 90
+    assert len(coco.anns) == 100 and {a["category_id"] for a in coco.anns.values()} <= set(cats.values())
+    assert coco.imgs[1]["height"] == 120 and coco.imgs[1]["width"] == 160

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from mvit_det.checkpoint import save_checkpoint
-from mvit_det.detection.engine import build_model, load_config
+from mvit_det.detection.builders import build_model
+from mvit_det.detection.run_config import load_config
 from mvit_det.detection.predictor import dataset_metadata
 from mvit_det.detection.export import (
     TOLERANCE,

@@ -17,7 +17,8 @@ from detectron2.engine import DefaultPredictor  # noqa: E402
 
 from mvit_det.data.toy import TOY_CLASSES, ToySpec, render_toy_image  # noqa: E402
 from mvit_det.detection import add_mvitv2_config  # noqa: E402
-from mvit_det.detection.engine import build_model, load_config  # noqa: E402
+from mvit_det.detection.builders import build_model  # noqa: E402
+from mvit_det.detection.run_config import load_config  # noqa: E402
 from mvit_det.detection.predictor import LazyPredictor, build_predictor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

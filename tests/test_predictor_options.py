@@ -10,7 +10,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.structures import pairwise_iou
 
-from mvit_det.detection.engine import load_config
+from mvit_det.detection.run_config import load_config
 from mvit_det.detection.predictor import LazyPredictor, build_predictor
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("detectron2")
 from detectron2.config import get_cfg  # noqa: E402
 
-from mvit_det.detection.engine import build_model, load_config  # noqa: E402
+from mvit_det.detection.builders import build_model  # noqa: E402
+from mvit_det.detection.run_config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAZY = REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py"

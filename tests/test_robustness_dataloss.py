@@ -32,7 +32,8 @@ from detectron2.layers import ShapeSpec  # noqa: E402
 
 from mvit_det.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint  # noqa: E402
 from mvit_det.detection import MViTv2Checkpointer, add_mvitv2_config, build_mvitv2_backbone  # noqa: E402
-from mvit_det.detection.engine import LOCK_NAME, AtomicCheckpointer, output_dir_lock  # noqa: E402
+from mvit_det.detection.checkpoint import AtomicCheckpointer  # noqa: E402
+from mvit_det.detection.resume import LOCK_NAME, output_dir_lock  # noqa: E402
 from mvit_det.models import MViTv2  # noqa: E402
 from mvit_det.utils import atomic  # noqa: E402
 from mvit_det.utils.atomic import atomic_open  # noqa: E402

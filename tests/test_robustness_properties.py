@@ -211,7 +211,7 @@ _value = st.text(
 
 @given(value=_value, key=st.sampled_from(["train.output_dir", "train.init_checkpoint"]))
 def test_any_override_value_works_or_says_how_to_quote_it(mini_lazy_config, value, key):
-    from mvit_det.detection.engine import load_config
+    from mvit_det.detection.run_config import load_config
 
     try:
         load_config(str(mini_lazy_config), [f"{key}={value}"])  # a value, of whatever type the grammar reads

@@ -30,7 +30,7 @@ from mvit_det.checkpoint import DownloadError, download, read_checkpoint  # noqa
 from mvit_det.checkpoint.io import cache_path  # noqa: E402
 from mvit_det.classification.evaluate import ModelSpecError, load_model_config  # noqa: E402
 from mvit_det.detection import MViTv2Checkpointer  # noqa: E402
-from mvit_det.detection.engine import load_config  # noqa: E402
+from mvit_det.detection.run_config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 YACS = REPO / "configs" / "yacs" / "mvitv2_t_maskrcnn.yaml"

@@ -22,15 +22,11 @@ pytest.importorskip("detectron2")
 from detectron2.engine import hooks  # noqa: E402
 
 from mvit_det.data.toy import ToySpec, generate_toy_dataset  # noqa: E402
-from mvit_det.detection import engine  # noqa: E402
-from mvit_det.detection.engine import (  # noqa: E402
-    AtomicCheckpointer,
-    NonFiniteLossError,
-    Trainer,
-    load_config,
-    weights_digest,
-    yacs_opts_to_list,
-)
+from mvit_det.detection import builders, engine  # noqa: E402
+from mvit_det.detection import checkpoint as detection_checkpoint  # noqa: E402
+from mvit_det.detection.checkpoint import AtomicCheckpointer
+from mvit_det.detection.engine import NonFiniteLossError, Trainer, weights_digest
+from mvit_det.detection.run_config import load_config, yacs_opts_to_list
 
 REPO = Path(__file__).resolve().parents[1]
 LAZY = REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py"
@@ -166,7 +162,7 @@ def test_two_cpu_processes_stay_in_sync(tiny, tmp_path):
     assert digests[0] == digests[1]
     assert "Weights are identical on all 2 ranks" in log
     # The digest is of the trained weights: it matches model_final.pth and differs from the initial weights.
-    model = engine.build_model(load_config(str(LAZY)))
+    model = builders.build_model(load_config(str(LAZY)))
     init_digest = weights_digest(model)
     AtomicCheckpointer(model).load(str(out / "model_final.pth"))
     assert weights_digest(model) == digests[0] != init_digest
@@ -217,7 +213,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         f.write(b"partial")
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(engine.torch, "save", dies_midway)
+    monkeypatch.setattr(detection_checkpoint.torch, "save", dies_midway)
     with torch.no_grad():
         model.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):

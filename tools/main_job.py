@@ -34,15 +34,9 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from mvit_det.data.images import load_image  # noqa: E402
-from mvit_det.detection.engine import (  # noqa: E402
-    build_model,
-    do_test,
-    do_train,
-    load_config,
-    prepare_config,
-    run_settings,
-    setup_run,
-)
+from mvit_det.detection.builders import build_model
+from mvit_det.detection.engine import do_test, do_train, setup_run
+from mvit_det.detection.run_config import load_config, prepare_config, run_settings
 from mvit_det.detection.predictor import LazyPredictor  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "toy", "mvitv2_t_maskrcnn_toy.py")

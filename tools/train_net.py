@@ -36,21 +36,11 @@ import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
-from mvit_det.detection.engine import (  # noqa: E402
-    AtomicCheckpointer,
-    NonFiniteLossError,
-    OutputDirLockedError,
-    build_model,
-    check_run_settings,
-    do_test,
-    do_train,
-    load_config,
-    output_dir_lock,
-    prepare_config,
-    register_coco_datasets,
-    run_settings,
-    setup_run,
-)
+from mvit_det.detection.builders import build_model
+from mvit_det.detection.checkpoint import AtomicCheckpointer
+from mvit_det.detection.engine import NonFiniteLossError, do_test, do_train, register_coco_datasets, setup_run
+from mvit_det.detection.resume import OutputDirLockedError, output_dir_lock
+from mvit_det.detection.run_config import check_run_settings, load_config, prepare_config, run_settings
 
 EXIT_NONFINITE = 3
 

@@ -40,6 +40,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
@@ -48,6 +49,7 @@ from ..checkpoint.formats import unwrap_keys
 from ..checkpoint.io import offline_hint
 from ..checkpoint.loading import refuse_integer_weights
 from ..models import MViTv2
+from ..utils.atomic import atomic_open
 
 __all__ = ["MViTv2Checkpointer"]
 
@@ -266,3 +268,33 @@ class MViTv2Checkpointer(DetectionCheckpointer):
             shown = [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in shapes]
             lines.append(f"Shape mismatch ({len(shown)}): {_cap(shown)}")
         return "\n".join(lines)
+
+
+class AtomicCheckpointer(MViTv2Checkpointer):
+    """``MViTv2Checkpointer`` whose files are always complete: write to ``<file>.tmp<pid>.<random>``, then
+    ``os.replace`` (:mod:`mvit_det.utils.atomic`).
+
+    Pass ``require_all=True`` when the loaded weights are used as they are (``--eval-only``).
+    """
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        _atomic_write(path, lambda f: torch.save(data, f), binary=True)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename), binary=False)
+
+
+def _atomic_write(path: str, write, binary: bool) -> None:
+    with atomic_open(path, "wb" if binary else "w") as f:
+        write(f)

@@ -75,7 +75,8 @@ def load_detector(config: str, weights: str, opts: Sequence[str] = ()) -> tuple[
     """Build the detector of a LazyConfig ``.py`` or yacs ``.yaml`` config on the CPU, load ``weights`` (every
     weight must come from the checkpoint) and return it in eval mode with the test dataset's class names."""
     from .checkpoint import MViTv2Checkpointer
-    from .engine import _set, build_model, is_lazy, load_config
+    from .builders import build_model
+    from .run_config import _set, is_lazy, load_config
     from .predictor import dataset_metadata
 
     cfg = load_config(config, opts)

@@ -427,7 +427,7 @@ def build_predictor(
 
     The returned predictor has a ``metadata`` attribute with the test dataset's class names.
     """
-    from .engine import is_lazy, load_config
+    from .run_config import is_lazy, load_config
 
     cfg = load_config(config_path, opts)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,5 @@
-"""What ``--resume`` needs beyond detectron2's checkpointer: the data order, and the debris of a killed save.
+"""The run folder and what ``--resume`` needs beyond detectron2's checkpointer: the data order, the debris of a
+killed save, and the lock that keeps two runs out of one folder.
 
 detectron2 restores the weights, optimizer, LR scheduler and iteration on resume, but its training sampler starts
 again from the first index of a new random seed (``seed=-1``, the default) or of the same seed: either way the
@@ -13,20 +14,28 @@ scale) are drawn afresh, and a different number of processes gives a different o
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
-import re
+import socket
+import tempfile
+import time
 from typing import Any, Iterator, Optional
 
 from torch.utils.data import Sampler
 
-__all__ = ["TrainLoaderState", "remove_unfinished_checkpoints"]
+from ..utils.atomic import parse_temp_name
+
+__all__ = [
+    "LOCK_NAME", "OutputDirLockedError", "TrainLoaderState", "check_output_dir", "output_dir_lock",
+    "remove_unfinished_checkpoints",
+]
 
 logger = logging.getLogger(__name__)
 
-# Temporary files of the atomic writes (mvit_det.utils.atomic): "<name>.tmp<pid>.<random>" (older: "<name>.tmp<pid>").
-_TEMP_RE = re.compile(r"^(?P<name>.+\.pth|last_checkpoint)\.tmp(?P<pid>\d+)(?:\.[0-9a-f]+)?$")
+#: the files of a run folder that atomic saves write (their temporary copies are what a killed save leaves)
+_CHECKPOINT_FILES = (".pth", "last_checkpoint")
 
 
 def _alive(pid: int) -> bool:
@@ -51,8 +60,8 @@ def remove_unfinished_checkpoints(save_dir: str) -> list[str]:
         return []
     removed = []
     for name in sorted(os.listdir(save_dir)):
-        m = _TEMP_RE.match(name)
-        if m and not _alive(int(m.group("pid"))):
+        parsed = parse_temp_name(name)
+        if parsed and parsed[0].endswith(_CHECKPOINT_FILES) and not _alive(parsed[1]):
             path = os.path.join(save_dir, name)
             os.remove(path)
             removed.append(path)
@@ -128,3 +137,74 @@ class TrainLoaderState:
         skip = num_batches * self.batch_size
         self._holder.sampler = _SkipSampler(self._sampler, skip)
         return skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per output folder
+# ---------------------------------------------------------------------------------------------------------------
+def check_output_dir(output_dir: str, key: str = "the output folder") -> None:
+    """Create ``output_dir`` if needed and prove that a file can be written in it; ``ValueError`` otherwise."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"Cannot write to the output folder {output_dir!r} ({key}): {e.strerror or e}. Set {key} to a folder "
+            "you can write."
+        ) from None
+
+
+LOCK_NAME = ".mvit_det_run.lock"
+
+
+class OutputDirLockedError(RuntimeError):
+    """Another run is using the output folder."""
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str, key: str = "the output folder"):
+    """Hold ``<output_dir>/.mvit_det_run.lock`` (this process's pid and host) while the block runs.
+
+    Two runs in one folder would overwrite each other's checkpoints, ``last_checkpoint`` and metrics, so a second
+    run is refused with ``OutputDirLockedError``. A lock left by a process that no longer exists on this machine
+    (a killed run) is stale: it is taken over, with a warning.
+    """
+    check_output_dir(output_dir, key)
+    path = os.path.join(output_dir, LOCK_NAME)
+    host = socket.gethostname()
+    mine = f"{os.getpid()} {host} {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    owner = f.read().split()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            pid = int(owner[0]) if owner and owner[0].isdigit() else None
+            owner_host = owner[1] if len(owner) > 1 else "?"
+            if pid is not None and owner_host == host and not _alive(pid):
+                logger.warning("Removing the stale lock %s of process %d, which no longer runs.", path, pid)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            since = " ".join(owner[2:4]) if len(owner) > 3 else "an unknown time"
+            raise OutputDirLockedError(
+                f"The output folder {output_dir} is in use by another run (pid {pid} on {owner_host}, since {since}); "
+                f"two runs in one folder overwrite each other's checkpoints. Give this run its own folder ({key}=...), "
+                f"or wait for the other run to finish. If no such run exists any more, delete {path}."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise OutputDirLockedError(f"Could not take the lock {path}: it keeps reappearing. Is another run starting?")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path, encoding="utf-8") as f:
+                if f.read() == mine:
+                    os.unlink(path)

@@ -219,7 +219,7 @@ def get_detector(
     set to the :class:`DetectorCard`.
     """
     from ..checkpoint.io import is_url
-    from .engine import load_config
+    from .run_config import load_config
     from .predictor import LazyPredictor
 
     card = get_detector_card(name)

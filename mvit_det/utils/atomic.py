@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator, Optional, Union
 
-__all__ = ["atomic_open", "atomic_path", "temp_name"]
+__all__ = ["atomic_open", "atomic_path", "parse_temp_name", "temp_name"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,6 +30,15 @@ def temp_name(path: Path) -> Path:
     The pid lets a later run tell the temporary file of a killed writer (``mvit_det.detection.resume``).
     """
     return path.with_name(f"{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}")
+
+
+_TEMP_RE = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)(?:\.[0-9a-f]+)?$")  # the inverse of temp_name
+
+
+def parse_temp_name(name: str) -> Optional[tuple[str, int]]:
+    """``(destination file name, writer pid)`` of a ``temp_name`` file name; None for any other name."""
+    m = _TEMP_RE.match(name)
+    return (m.group("name"), int(m.group("pid"))) if m else None
 
 
 def _check_destination(path: Path) -> None:
