@@ -30,6 +30,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
 from skimage import data as skdata
+from test_model_zoo_parity import randomise  # informative random weights, as in the Mask R-CNN T parity test
 from torch import nn
 
 from mvit_det.detection.run_config import load_config
@@ -122,21 +123,6 @@ def zoo_opts(family: str) -> list[str]:
         opts += ["dataloader.test.mapper.augmentations.0.short_edge_length=240",
                  "dataloader.test.mapper.augmentations.0.max_size=320"]  # fmt: skip
     return opts
-
-
-@torch.no_grad()
-def randomise(model: nn.Module, seed: int = 0) -> None:
-    """Informative random weights (detectron2 zero-inits the rel-pos tables; its predictors barely move boxes)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith(("rel_pos_h", "rel_pos_w")):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        elif "norm" in name and name.endswith(".weight") and p.ndim == 1:
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-        elif name.endswith(".bias"):
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        elif "cls_score" in name or "bbox_pred" in name or "mask_head.predictor" in name:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def write_pkl(model: nn.Module, path) -> str:
