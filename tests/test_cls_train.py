@@ -412,7 +412,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 def test_unreachable_pretrained_url_names_the_flags(tmp_path, capsys):
     data = _folder(tmp_path / "d", {"a": 2, "b": 2})
     rc = cls_train.main(["--data", str(data), "--output", str(tmp_path / "o"), "--img-size", "32",
-                         "--pretrained", "http://127.0.0.1:9/mvitv2_t.pth", "--no-progress"])
+                         "--batch-size", "4", "--pretrained", "http://127.0.0.1:9/mvitv2_t.pth", "--no-progress"])
     assert rc == 1
     err = capsys.readouterr().err
     assert "Could not download http://127.0.0.1:9/mvitv2_t.pth" in err and "--pretrained none" in err

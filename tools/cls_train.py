@@ -27,6 +27,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 
 import torch
 
+from mvit_det.checkpoint import DownloadError
 from mvit_det.classification.evaluate import LAYOUTS, DatasetError
 from mvit_det.classification.recipes import RECIPES, RecipeError
 from mvit_det.classification.train import OutputError, ResumeError, TrainConfig, TrainingDiverged, train
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, RecipeError, OutputError, ResumeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except DownloadError as e:
+        print(f"error: {e}\nWith tools/cls_train.py: --pretrained /path/to/that/file.pth, or --pretrained none to start "
+              "from random weights.", file=sys.stderr)
+        return EXIT_FAILURE
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
