@@ -416,3 +416,27 @@ def test_unreachable_pretrained_url_names_the_flags(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "Could not download http://127.0.0.1:9/mvitv2_t.pth" in err and "--pretrained none" in err
+
+
+def test_finetune_recipe_freezes_stages_and_saves_the_ema(tmp_path):
+    data = _folder(tmp_path / "d", {"a": 2, "b": 2})
+    torch.manual_seed(0)
+    start, _ = build_model(MODEL, 2, resolve_recipe("tiny", overrides=dict(FAST)), act_checkpoint=False)
+    init = tmp_path / "init.pth"
+    torch.save({"model": start.state_dict()}, init)
+    s = train(_cfg(data, tmp_path / "ft", recipe="finetune", pretrained=str(init),
+                   overrides=dict(freeze_stages=2, epochs=2, ema_decay=0.5)))
+    assert s["records"][-1]["loss"] > 0
+    final = load_file(tmp_path / "ft" / "model_final.pth")
+    assert final["meta"]["ema"] and final["meta"]["recipe"]["layer_decay"] == 0.75
+    state = load_file(tmp_path / "ft" / "last.pth")
+    raw, ema = state["model"], state["train_state"]["ema"]
+    first_stage3_block = start.arch.last_block_indexes[1] + 1
+    for k, v in start.state_dict().items():
+        frozen = k.startswith("patch_embed.") or (k.startswith("blocks.") and int(k.split(".")[1]) < first_stage3_block)
+        if frozen:
+            assert torch.equal(raw[k], v), k  # stem and stages 1-2 frozen
+    assert not torch.equal(raw["blocks.9.attn.qkv.weight"], start.state_dict()["blocks.9.attn.qkv.weight"])
+    # model_final.pth holds the EMA, which lags the raw weights
+    assert torch.equal(final["model"]["head.fc.weight"], ema["head.fc.weight"])
+    assert not torch.equal(ema["head.fc.weight"], raw["head.fc.weight"])
