@@ -44,10 +44,11 @@ setup(
         "cloudpickle",
         "matplotlib",
         "tensorboard",
+        "timm>=1.0",  # classification training: tools/cls_train.py
         # detectron2.model_zoo imports pkg_resources, which setuptools 81 removed
         "setuptools<81",
     ],
-    extras_require={"test": ["pytest", "timm==1.0.31", "scikit-image"]},
+    extras_require={"test": ["pytest", "timm==1.0.31", "scikit-image"], "demo": ["scikit-learn"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
