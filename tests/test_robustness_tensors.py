@@ -76,10 +76,21 @@ def test_float16_model_on_cpu(classifier):
         ref, out = classifier(x), half(x.half())
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
-    # A float32 input into the float16 model: PyTorch's dtype error, which names both dtypes.
-    with pytest.raises(RuntimeError, match=r"Input type \(float\) and bias type \(c10::Half\) should be the same"):
+    # A float32 input into the float16 model: an error that names both dtypes and the fix.
+    with pytest.raises(TypeError, match=r"got a torch\.float32 input but its weights are torch\.float16\. Convert"):
         with torch.no_grad():
             half(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_input_dtype_other_than_the_weights_is_a_clear_error(classifier, dtype):
+    with pytest.raises(TypeError, match=rf"got a {dtype} input but its weights are torch\.float32\. Convert the input"):
+        classifier(torch.zeros(1, 3, 64, 64, dtype=dtype))
+
+
+def test_empty_batch_is_a_clear_error(classifier):
+    with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 3, 64, 64\)\); pass at least one image"):
+        classifier(torch.zeros(0, 3, 64, 64))
 
 
 def test_inference_model_casts_the_image_to_the_model_dtype(classifier, photo):

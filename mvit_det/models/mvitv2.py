@@ -448,6 +448,14 @@ class MViTv2(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"MViTv2 expects a floating-point tensor, got {x.dtype}; normalise the image first.")
+        if x.shape[0] == 0:
+            raise ValueError(f"MViTv2 got an empty batch (shape {tuple(x.shape)}); pass at least one image.")
+        weight_dtype = self.patch_embed.proj.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"MViTv2 got a {x.dtype} input but its weights are {weight_dtype}. Convert the input "
+                f"(x.to({weight_dtype})), or run under torch.autocast for reduced precision."
+            )
 
     # -- forward -----------------------------------------------------------------------------
     def _run_block(self, blk: MultiScaleBlock, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
