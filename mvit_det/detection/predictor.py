@@ -97,8 +97,9 @@ def _check_model_dtype(model: torch.nn.Module) -> None:
     if dtype != torch.float32:
         raise TypeError(
             f"The predictor runs the detector in float32, but its weights are {dtype} (model.half() or .to(dtype)); "
-            "detectron2's detectors do not support that. Keep the model in float32 and, for reduced precision, wrap "
-            "the call in torch.autocast('cpu', dtype=torch.bfloat16) (or torch.autocast('cuda'))."
+            "detectron2's detectors do not support that. Keep the model in float32 and, for reduced precision, build the "
+            "predictor with precision='bf16' (CPU or GPU) or 'fp16' (CUDA), or wrap the call in "
+            "torch.autocast('cpu', dtype=torch.bfloat16) (or torch.autocast('cuda'))."
         )
 
 
