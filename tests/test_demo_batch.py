@@ -179,3 +179,32 @@ def test_expand_inputs(tmp_path):
     assert got == [str(tmp_path / "d" / "a.JPG"), str(tmp_path / "d" / "b.png"), str(tmp_path / "e1.png"),
                    str(tmp_path / "e2.png"), str(tmp_path / "gone.png")]  # fmt: skip
     assert json.loads(json.dumps(got)) == got
+
+
+def test_webcam_loop_draws_and_quits_on_q(monkeypatch, predictor, toy_bgr):
+    """run_webcam with a stand-in camera and window: every frame is detected and shown until 'q' is pressed, then
+    the camera is released and the window closed."""
+    from mvit_det.detection import runner
+
+    class Camera:
+        released = False
+
+        def __init__(self, frames):
+            self.frames = list(frames)
+
+        def read(self):
+            return (True, self.frames.pop(0)) if self.frames else (False, None)
+
+        def release(self):
+            self.released = True
+
+    shown, keys = [], iter([-1, ord("q"), -1])
+    monkeypatch.setattr(cv2, "imshow", lambda name, img: shown.append(img))
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: next(keys))
+    monkeypatch.setattr(cv2, "destroyAllWindows", lambda: shown.append("closed"))
+    frames = [toy_bgr(s, 96, 128) for s in (7, 8, 9)]
+    camera = Camera(frames)
+    assert runner.run_webcam(predictor, camera, threshold=0.0) == 2  # 'q' after the second frame
+    assert camera.released and shown[-1] == "closed"
+    assert [img.shape for img in shown[:2]] == [(96, 128, 3)] * 2
+    assert not np.array_equal(shown[0], frames[0])  # detections drawn
