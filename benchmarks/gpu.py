@@ -64,9 +64,14 @@ def plan(dry_run: bool, iters: int, warmup: int) -> list[Settings]:
     return out
 
 
-def run(out_dir: Path, dry_run: bool = False, budget_s: float = 480.0, iters: int = 10, warmup: int = 3,
+def run(out_dir: Path, dry_run: bool = False, budget_s: Optional[float] = None, iters: int = 10, warmup: int = 3,
         rows: Optional[Sequence[int]] = None) -> dict:
-    """Run the plan; stop starting new rows once ``budget_s`` is spent (the rest are listed as not run)."""
+    """Run the plan; stop starting new rows once ``budget_s`` is spent (the rest are listed as not run).
+
+    ``budget_s`` defaults to 480 s on a GPU (the plan must fit 8 minutes) and to no limit for ``dry_run``.
+    """
+    if budget_s is None:
+        budget_s = float("inf") if dry_run else 480.0
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device (torch.cuda.is_available() is False); use --dry-run on a CPU.")
     if dry_run:
@@ -79,7 +84,7 @@ def run(out_dir: Path, dry_run: bool = False, budget_s: float = 480.0, iters: in
     for i in chosen:
         s = settings[i]
         if time.monotonic() - start > budget_s:
-            report["not_run"].append({"row": i, "title": s.title, "reason": f"time budget {budget_s:.0f} s spent"})
+            report["not_run"].append({"row": i, "title": s.title, "reason": f"time budget {budget_s:g} s spent"})
             continue
         print(f"[gpu-bench] row {i + 1}/{len(settings)}: {s.title}", flush=True)
         one = run_report([s])
@@ -103,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dry-run", action="store_true", help="every row on the CPU at toy sizes, one round each")
-    p.add_argument("--budget-s", type=float, default=480.0, help="start no new row after this many seconds")
+    p.add_argument("--budget-s", type=float, help="start no new row after this many seconds (GPU default 480)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", type=lambda t: [int(x) for x in t.split(",")], help="comma-separated row indexes")

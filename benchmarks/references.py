@@ -19,13 +19,13 @@ install command, so callers can skip it with a note.
 """
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
 
+from mvit_det.checkpoint.formats import to_mmpretrain_state_dict, to_timm_state_dict
 from mvit_det.models import ARCHS, MViTv2, MViTv2Arch
 from mvit_det.utils.numerics import max_rel_diff  # noqa: F401  (re-exported for the benchmark and tests)
 
@@ -101,25 +101,6 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Classification: timm
 # ---------------------------------------------------------------------------------------------
-def to_timm_state_dict(state_dict: dict[str, torch.Tensor], depths: tuple[int, ...], expand_attn: bool) -> dict:
-    """Our (official-layout) classifier keys -> timm ``MultiScaleVit`` keys.
-
-    ``blocks.{i}.X`` -> ``stages.{s}.blocks.{j}.X`` (``i`` counted through ``depths``), and the block's
-    width-changing shortcut ``proj`` -> ``shortcut_proj_attn`` (``expand_attn``) or ``shortcut_proj_mlp``.
-    """
-    stage_of: list[tuple[int, int]] = [(s, j) for s, d in enumerate(depths) for j in range(d)]
-    shortcut = "shortcut_proj_attn" if expand_attn else "shortcut_proj_mlp"
-    out = {}
-    for k, v in state_dict.items():
-        m = re.match(r"^blocks\.(\d+)\.(.*)$", k)
-        if m:
-            s, j = stage_of[int(m.group(1))]
-            rest = re.sub(r"^proj\.", f"{shortcut}.", m.group(2))
-            k = f"stages.{s}.blocks.{j}.{rest}"
-        out[k] = v
-    return out
-
-
 def timm_classifier(ours: MViTv2) -> nn.Module:
     """timm's ``MultiScaleVit`` of the same size, width placement and input size, with ``ours``'s weights.
 
@@ -149,19 +130,6 @@ def timm_classifier(ours: MViTv2) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Classification: mmpretrain
 # ---------------------------------------------------------------------------------------------
-def to_mmpretrain_state_dict(state_dict: dict[str, torch.Tensor]) -> dict:
-    """Our classifier keys -> mmpretrain ``ImageClassifier`` keys (``backbone.*``, ``head.fc.*``)."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("head."):
-            out[k] = v
-            continue
-        k = re.sub(r"^patch_embed\.proj\.", "patch_embed.projection.", k)
-        k = re.sub(r"^norm\.", "norm3.", k)
-        out["backbone." + k] = v
-    return out
-
-
 class _TensorMode(nn.Module):
     """Calls an mmengine model in ``mode="tensor"``: (B, 3, H, W) -> logits (B, num_classes)."""
 

@@ -1,5 +1,6 @@
 """mvit-det: MViTv2 for ImageNet classification and Detectron2 detection."""
-from .models import ARCHS, MViTv2, get_arch, get_model, list_models
+from .hub import get_model
+from .models import ARCHS, MViTv2, get_arch, list_models
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:?usage: scripts/gpu_bench.sh OUT_DIR [--dry-run]}"
 shift
 PY="${PYTHON:-python3}"
-if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import detectron2, fvcore, pycocotools, omegaconf" 2>/dev/null &&
+  [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
   SITE=/tmp/mvit-site
   echo "[gpu-bench] installing $(ls "$ROOT"/.whl/*.whl | wc -l) carried wheels into $SITE"
   mkdir -p "$SITE"

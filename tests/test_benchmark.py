@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvit_det.models import MViTv2
 import benchmarks as bm
-from benchmarks.references import (
-    ReferenceUnavailable,
-    randomize_,
-    to_mmpretrain_state_dict,
-    to_timm_state_dict,
-)
+from benchmarks.references import ReferenceUnavailable, randomize_
+from mvit_det.checkpoint.formats import to_mmpretrain_state_dict, to_timm_state_dict
+from mvit_det.models import MViTv2
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "benchmark.py"

@@ -4,7 +4,6 @@ References run with random weights (random rel-pos tables, non-unit norms): timm
 ``.pyth`` layout (written from the same timm weights), mmpretrain's ImageClassifier (T, also at a
 non-square input size) and detectron2's MViT (T, detection outputs).
 """
-import importlib.util
 import logging
 import pickle
 import re
@@ -18,7 +17,7 @@ from torch import nn
 
 from mvit_det import get_model
 from mvit_det.checkpoint import (
-    convert_to_mvit_det,
+    convert,
     describe_state_dict,
     detect_format,
     load_checkpoint,
@@ -257,7 +256,7 @@ T = torch.zeros(1)
 )
 def test_detect_format(obj, fmt):
     assert detect_format(obj) == fmt
-    assert "blocks.0.norm1.weight" in convert_to_mvit_det(obj)
+    assert "blocks.0.norm1.weight" in convert(obj).state_dict
 
 
 def test_legacy_torch_save_format(tmp_path):
@@ -285,7 +284,7 @@ def test_timm_stage_mapping_counts_blocks_in_the_checkpoint():
     sd = {f"stages.{s}.blocks.{j}.norm1.weight": torch.full((1,), 10.0 * s + j) for s, d in enumerate((1, 2, 5, 2)) for j in range(d)}
     sd["stages.1.blocks.0.shortcut_proj_attn.weight"] = T
     sd["stages.0.blocks.0.shortcut_proj_mlp.bias"] = T
-    out = convert_to_mvit_det(sd)
+    out = convert(sd).state_dict
     assert out["blocks.3.norm1.weight"].item() == 20.0  # stage 2, block 0 follows 1 + 2 blocks
     assert out["blocks.9.norm1.weight"].item() == 31.0
     assert "blocks.1.proj.weight" in out and "blocks.0.proj.bias" in out
@@ -295,9 +294,7 @@ def test_timm_stage_mapping_counts_blocks_in_the_checkpoint():
 # 7. tools/convert_checkpoint.py
 # --------------------------------------------------------------------------------------------
 def test_convert_tool_round_trip(tmp_path, ckpt_fill_random, capsys):
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import convert_checkpoint as tool
 
     ref = build_timm("mvitv2_tiny", ckpt_fill_random, 8)
     torch.save(ref.state_dict(), tmp_path / "timm.pth")

@@ -1,7 +1,7 @@
 """Classification preprocessing (parity with mmpretrain's pipeline), inference_model, and tools/classify.py."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -262,10 +262,7 @@ def classify_tool(tmp_path, monkeypatch):
         monkeypatch.setenv(var, value)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    spec = importlib.util.spec_from_file_location("classify_tool", REPO / "tools" / "classify.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.reload(importlib.import_module("tools.classify"))  # fresh, after the environment above
 
 
 def test_classify_cli_weights_file_and_a_bad_image(classify_tool, model_1k, photo, tmp_path, capsys):

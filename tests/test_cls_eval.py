@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -24,7 +24,7 @@ from PIL import Image
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photographs")
 
 from mvit_det.checkpoint import save_checkpoint  # noqa: E402
-from mvit_det.classification.evaluate import (  # noqa: E402
+from mvit_det.classification.datasets import (
     DatasetError,
     EvalDataset,
     ShardSampler,
@@ -41,14 +41,7 @@ MODEL = "mvitv2-tiny_3rdparty_in1k"
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("cls_eval", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cls_eval = _load_tool()
+cls_eval = importlib.import_module("tools.cls_eval")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ run (module fixture ``digits_run``) serves every test that needs a trained check
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 
 from mvit_det import get_model, inference_model
 from mvit_det.checkpoint import load_file
-from mvit_det.classification.evaluate import DatasetError
+from mvit_det.classification.datasets import DatasetError
 from mvit_det.classification.recipes import DROP_PATH, RecipeError, resolve_recipe
 from mvit_det.classification.train import OutputError, ResumeError, TrainConfig, TrainingDiverged, train
 from mvit_det.classification.train_data import prepare_data
@@ -35,14 +34,7 @@ FAST = dict(
 )
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cls_train, cls_eval, classify = _tool("cls_train"), _tool("cls_eval"), _tool("classify")
+from tools import classify, cls_eval, cls_train  # noqa: E402
 
 
 def _image(path: Path, seed: int, size: int = 32) -> None:

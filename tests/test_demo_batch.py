@@ -6,7 +6,7 @@ Mask R-CNN (MViTv2-T, short side 112 at test) with seeded random weights keeps i
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 from pathlib import Path
@@ -27,14 +27,7 @@ TOY = str(REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py")
 TOPK = "model.roi_heads.box_predictor.test_topk_per_image=8"
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("mvit_demo_tool", REPO / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo()
+demo = importlib.import_module("tools.demo")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ elsewhere (truncated files, HTML pages, wrong size into a classifier, ...) are l
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -254,9 +253,7 @@ def test_detector_checkpoint_into_classifier_entry_points(detector_ckpt, tmp_pat
                                          r"norm and head, so it cannot fill a classification model"):
         get_model("mvitv2-tiny_3rdparty_in1k", pretrained=detector_ckpt)
 
-    spec = importlib.util.spec_from_file_location("classify_tool", REPO / "tools" / "classify.py")
-    classify = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(classify)
+    from tools import classify
     with pytest.raises(SystemExit) as info:
         classify.main([str(REPO / "demo" / "cat.jpg"), "--weights", str(detector_ckpt), "--device", "cpu"])
     assert info.value.code == 2

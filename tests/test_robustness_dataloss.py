@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import socket
@@ -44,14 +43,7 @@ YACS = REPO / "configs" / "yacs" / "mvitv2_t_maskrcnn_toy.yaml"
 MODEL = "mvitv2-tiny_3rdparty_in1k"
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_net, cls_eval, export_onnx = _tool("train_net"), _tool("cls_eval"), _tool("export_onnx")
+from tools import cls_eval, export_onnx, train_net  # noqa: E402
 
 
 def _leftovers(folder: Path) -> list[str]:

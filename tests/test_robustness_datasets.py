@@ -231,7 +231,7 @@ def test_classification_folder_walk_survives_links_and_odd_names(tmp_path, caplo
 
     from PIL import Image
 
-    from mvit_det.classification.evaluate import build_eval_dataset
+    from mvit_det.classification.datasets import build_eval_dataset
 
     val = tmp_path / "val"
     (val / "n0").mkdir(parents=True)

@@ -7,7 +7,6 @@ files must raise ``ImageReadError`` naming the file, and the batch tools must sk
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -158,9 +157,7 @@ def test_classification_predictor(odd_images, classifier):
 
 def test_classify_tool_skips_and_reports(odd_images, classifier, tmp_path, capsys):
     weights = save_checkpoint(classifier, tmp_path / "t.pth")
-    spec = importlib.util.spec_from_file_location("classify_tool", REPO / "tools" / "classify.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import classify as tool
     files = odd_images["files"]
     inputs = [files["grey"][0], odd_images["empty"], files["exif"][0], odd_images["text"], files["1x1"][0]]
     code = tool.main([*map(str, inputs), "--weights", str(weights), "--topk", "2", "--device", "cpu"])
@@ -185,9 +182,7 @@ def test_cls_eval_skips_and_lists_unreadable_files(odd_images, classifier, tmp_p
     for bad in (odd_images["empty"], odd_images["text"]):
         (root / "n00000001" / bad.name).write_bytes(bad.read_bytes())
     weights = save_checkpoint(classifier, tmp_path / "t.pth")
-    spec = importlib.util.spec_from_file_location("cls_eval_tool", REPO / "tools" / "cls_eval.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import cls_eval as tool
     out_json = tmp_path / "r.json"
     code = tool.main(["mvitv2-tiny_3rdparty_in1k", str(weights), "--data", str(root), "--workers", "0",
                       "--no-progress", "--out", str(out_json)])  # fmt: skip

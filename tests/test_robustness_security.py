@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import http.server
-import importlib.util
+import importlib
 import io
 import os
 import pickle
@@ -28,7 +28,7 @@ pytest.importorskip("detectron2")
 
 from mvit_det.checkpoint import DownloadError, download, read_checkpoint  # noqa: E402
 from mvit_det.checkpoint.io import cache_path  # noqa: E402
-from mvit_det.classification.evaluate import ModelSpecError, load_model_config  # noqa: E402
+from mvit_det.hub import ModelSpecError, load_model_config  # noqa: E402
 from mvit_det.detection import MViTv2Checkpointer  # noqa: E402
 from mvit_det.detection.run_config import load_config  # noqa: E402
 
@@ -37,10 +37,7 @@ YACS = REPO / "configs" / "yacs" / "mvitv2_t_maskrcnn.yaml"
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tools.{name}")
 
 
 # -- YAML ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from mvit_det.detection import MViTv2Backbone
 from mvit_det.models import MViTv2
 from mvit_det.models.mvitv2 import attention
-from benchmarks.references import detectron2_mvit, randomize_, timm_classifier, to_timm_state_dict
+from benchmarks.references import detectron2_mvit, randomize_, timm_classifier
+from mvit_det.checkpoint.formats import to_timm_state_dict
 
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}

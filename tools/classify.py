@@ -20,11 +20,6 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import mvit_det  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
 import torch
 
 from mvit_det import get_model, inference_model, list_models

@@ -14,29 +14,15 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    import mvit_det  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 import torch.distributed as dist
 
-from mvit_det.checkpoint.described import described_eval_dataset, read_description
+from mvit_det.checkpoint.described import read_description
+from mvit_det.classification.described import described_eval_dataset
 from mvit_det.utils.dist import is_distributed
-from mvit_det.classification.evaluate import (
-    AMP_DTYPES,
-    LAYOUTS,
-    SELF_DESCRIBED,
-    DatasetError,
-    EvalJob,
-    ModelSpecError,
-    build_eval_dataset,
-    limit_dataset,
-    model_num_classes,
-    run_job,
-    spawn_job,
-)
+from mvit_det.classification.datasets import LAYOUTS, DatasetError, build_eval_dataset, limit_dataset
+from mvit_det.classification.evaluate import AMP_DTYPES, EvalJob, run_job, spawn_job
+from mvit_det.hub import SELF_DESCRIBED, ModelSpecError, model_num_classes
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

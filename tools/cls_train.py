@@ -14,21 +14,15 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 # Set before torch loads OpenMP: spinning OpenMP threads collapse on a shared or oversubscribed CPU (measured on a
 # loaded 2-vCPU machine: MViTv2-T forward+backward, batch 32 at 32x32, 60 s with the default policy, 0.8-1.8 s
 # with PASSIVE).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-try:
-    import mvit_det  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
 from mvit_det.checkpoint import DownloadError
-from mvit_det.classification.evaluate import LAYOUTS, DatasetError
+from mvit_det.classification.datasets import LAYOUTS, DatasetError
 from mvit_det.classification.recipes import RECIPES, RecipeError
 from mvit_det.classification.train import OutputError, ResumeError, TrainConfig, TrainingDiverged, train
 from mvit_det.models import list_models

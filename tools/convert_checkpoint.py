@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mvit_det.checkpoint import describe_state_dict, load_checkpoint, read_checkpoint, save_checkpoint
-from mvit_det.models import MODEL_CARDS, MViTv2, get_model
+from mvit_det.hub import get_model
+from mvit_det.models import MODEL_CARDS, MViTv2
 
 
 def build_for_check(arch: str, info) -> MViTv2:

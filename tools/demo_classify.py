@@ -31,11 +31,6 @@ from pathlib import Path
 # with PASSIVE).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
-try:
-    import mvit_det  # noqa: F401
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
-
 from mvit_det.utils.atomic import atomic_open  # noqa: E402
 
 CONFIG = REPO / "configs" / "classification" / "digits_tiny.yaml"

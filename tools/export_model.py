@@ -21,16 +21,10 @@ tools/deploy/export_model.py does, which cannot read mvit-det's configs (it call
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import mvit_det  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
 from mvit_det.utils.cli import parse_img_size  # noqa: E402
 
 DEFAULT_SAMPLE = REPO_ROOT / "demo" / "cat.jpg"

@@ -25,11 +25,6 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-try:
-    import mvit_det  # noqa: F401
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
 import torch
 from torch import nn
 

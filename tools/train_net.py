@@ -28,8 +28,6 @@ import logging
 import os
 import sys
 
-# Runnable from a source checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402

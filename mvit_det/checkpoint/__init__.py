@@ -1,7 +1,7 @@
 """Checkpoint interop: read official, mmpretrain, timm, detectron2 and mvit-det files, convert them to
 mvit-det's parameter names, download with a hash-checked cache, and load them with strict checks.
 """
-from .formats import FORMATS, CheckpointInfo, convert_to_mvit_det, describe_state_dict, detect_format
+from .formats import FORMATS, CheckpointInfo, convert, describe_state_dict, detect_format
 from .io import DownloadError, download, load_file, save_checkpoint
 from .loading import LoadReport, load_checkpoint, read_checkpoint
 
@@ -10,7 +10,7 @@ __all__ = [
     "CheckpointInfo",
     "DownloadError",
     "LoadReport",
-    "convert_to_mvit_det",
+    "convert",
     "describe_state_dict",
     "detect_format",
     "download",

@@ -35,7 +35,8 @@ __all__ = [
     "CheckpointInfo",
     "ConvertedCheckpoint",
     "convert",
-    "convert_to_mvit_det",
+    "to_mmpretrain_state_dict",
+    "to_timm_state_dict",
     "describe_state_dict",
     "detect_format",
     "unwrap_keys",
@@ -185,6 +186,25 @@ def _rename_timm(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def to_timm_state_dict(state_dict: dict[str, Tensor], depths: tuple[int, ...], expand_attn: bool) -> dict:
+    """Writer, the inverse of ``_rename_timm``: our (official-layout) classifier keys -> timm ``MultiScaleVit`` keys.
+
+    ``blocks.{i}.X`` -> ``stages.{s}.blocks.{j}.X`` (``i`` counted through ``depths``), and the block's
+    width-changing shortcut ``proj`` -> ``shortcut_proj_attn`` (``expand_attn``) or ``shortcut_proj_mlp``.
+    """
+    stage_of: list[tuple[int, int]] = [(s, j) for s, d in enumerate(depths) for j in range(d)]
+    shortcut = "shortcut_proj_attn" if expand_attn else "shortcut_proj_mlp"
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", k)
+        if m:
+            s, j = stage_of[int(m.group(1))]
+            rest = re.sub(r"^proj\.", f"{shortcut}.", m.group(2))
+            k = f"stages.{s}.blocks.{j}.{rest}"
+        out[k] = v
+    return out
+
+
 def _rename_mmpretrain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     # mmpretrain's block submodules carry the official names (checked against mmpretrain 1.2
     # backbones/mvit.py), so only the stem, the final norm and the prefix differ.
@@ -197,6 +217,19 @@ def _rename_mmpretrain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             elif k.startswith("norm3."):
                 k = "norm." + k[len("norm3."):]
         out[k] = v
+    return out
+
+
+def to_mmpretrain_state_dict(state_dict: dict[str, Tensor]) -> dict:
+    """Writer, the inverse of ``_rename_mmpretrain``: our classifier keys -> mmpretrain ``ImageClassifier`` keys."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("head."):
+            out[k] = v
+            continue
+        k = re.sub(r"^patch_embed\.proj\.", "patch_embed.projection.", k)
+        k = re.sub(r"^norm\.", "norm3.", k)
+        out["backbone." + k] = v
     return out
 
 
@@ -233,14 +266,6 @@ def convert(obj: Any) -> ConvertedCheckpoint:
     if squeezed:
         notes.append(f"squeezed the temporal dimension (size 1) of {len(squeezed)} 5-D conv weights")
     return ConvertedCheckpoint(sd, fmt, ignored, notes)
-
-
-def convert_to_mvit_det(obj: Any) -> dict[str, Tensor]:
-    """A loaded checkpoint of any supported format -> a state dict in mvit-det's layout.
-
-    Detectron2 checkpoints give only the trunk (``backbone.bottom_up.*`` without the prefix).
-    """
-    return convert(obj).state_dict
 
 
 # --------------------------------------------------------------------------------------------

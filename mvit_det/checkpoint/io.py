@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models import MODEL_CARDS
 from ..utils.atomic import atomic_open, atomic_path
 
 __all__ = ["DownloadError", "cache_path", "download", "is_url", "load_file", "offline_hint", "save_checkpoint"]
@@ -208,8 +209,6 @@ def default_cache_dir() -> Path:
 
 
 def _published_urls() -> set[str]:
-    from ..models.registry import MODEL_CARDS
-
     return {card.url for card in MODEL_CARDS.values()}
 
 

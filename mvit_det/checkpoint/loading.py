@@ -23,6 +23,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import MODEL_CARDS, MViTv2
 from .formats import CheckpointInfo, ConvertedCheckpoint, convert, describe_state_dict
 from .io import download, is_url, load_file
 
@@ -130,8 +131,6 @@ def _model_label(info: CheckpointInfo, detection: bool) -> str:
 
 
 def _registry_names(size: str, expand_attn) -> list[str]:
-    from ..models.registry import MODEL_CARDS
-
     return [n for n, c in MODEL_CARDS.items() if c.arch == size and (expand_attn is None or c.expand_attn == expand_attn)]
 
 
@@ -309,8 +308,6 @@ def load_checkpoint(
 
 def _check_model(model: nn.Module) -> None:
     """load_checkpoint fills one MViTv2; a whole detector (or any other module) gets the way to do that instead."""
-    from ..models import MViTv2
-
     if isinstance(model, MViTv2):
         return
     inner = [name for name, m in model.named_modules() if isinstance(m, MViTv2)]

@@ -4,19 +4,13 @@ The protocol: every image of the validation folder goes through ``EvalTransform`
 bicubic, centre crop 224, RGB mean/std normalisation) and counts once; top-k is "the label is among the k
 highest logits". Nothing is padded or repeated, also when the work is split over several processes.
 
-Two folder layouts are read (see ``LAYOUTS``):
-
-- ImageFolder: ``val/<class>/<image>``. Labels are the class folders' positions in sorted order, which for
-  ImageNet's WordNet-id folders (``n01440764`` ...) is the standard label order.
-- Label file: images anywhere under ``val/`` plus a text file of ``<relative path> <label>`` lines (the
-  mmpretrain ``meta/val.txt`` format, e.g. ``ILSVRC2012_val_00000001.JPEG 65``).
-
-Images that cannot be read (corrupt, truncated, not an image) are skipped, counted and listed; they are left
+The folder layouts and the dataset are in ``mvit_det.classification.datasets``. Images that cannot be read (corrupt, truncated, not an image) are skipped, counted and listed; they are left
 out of the accuracy's denominator.
 
 Python use::
 
-    from mvit_det.classification.evaluate import build_eval_dataset, evaluate
+    from mvit_det.classification.datasets import build_eval_dataset
+    from mvit_det.classification.evaluate import evaluate
     dataset = build_eval_dataset("imagenet/val", num_classes=1000)
     result = evaluate(model, dataset, batch_size=64, workers=4, device="cpu", amp="bf16")
     print(result.top1, result.top5, result.skipped)
@@ -34,46 +28,30 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data.images import IMAGE_EXTENSIONS, ImageReadError
+from ..hub import SELF_DESCRIBED, build_classifier
 from ..utils.atomic import atomic_open
 from ..utils.dist import get_rank, get_world_size, is_distributed
-from ..utils.hints import did_you_mean
-from ..utils.walk import printable, walk_files
-from .transforms import EvalTransform
+from ..utils.walk import printable
+from .datasets import EvalBatch, EvalDataset, ShardSampler, collate_skip_failed
 
 __all__ = [
     "AMP_DTYPES",
-    "DatasetError",
-    "EvalBatch",
-    "EvalDataset",
     "EvalJob",
     "EvalResult",
-    "IMAGE_EXTENSIONS",
-    "LAYOUTS",
-    "ModelSpecError",
-    "SELF_DESCRIBED",
-    "ShardSampler",
     "SkippedImage",
     "autocast",
-    "build_eval_dataset",
-    "build_model",
-    "collate_skip_failed",
     "evaluate",
     "evaluate_checkpoint",
-    "find_label_file",
-    "limit_dataset",
-    "load_model_config",
-    "model_num_classes",
     "run_job",
     "sha256_file",
     "spawn_job",
@@ -81,285 +59,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: File endings (lower case) taken as images when scanning a folder; a label file may name any file.
 
 #: ``--amp`` choices -> autocast dtype.
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-LAYOUTS = """\
-Expected one of two layouts:
-  1. ImageFolder: DATA/<class>/<image>, e.g. val/n01440764/ILSVRC2012_val_00000293.JPEG
-     (label = position of the class folder in sorted order; ImageNet's WordNet-id folders sort into the
-     standard label order)
-  2. Label file: images under DATA, e.g. val/ILSVRC2012_val_00000001.JPEG, plus a text file with one
-     '<image path relative to DATA> <integer label>' line per image (mmpretrain's meta/val.txt), given with
-     --labels or found at DATA/<name>.txt, <parent>/<name>.txt or <parent>/meta/<name>.txt
-     (<name> is DATA's folder name, e.g. val.txt)"""
-
-
-class DatasetError(ValueError):
-    """The evaluation folder or label file is unusable. The message says what is wrong and how to fix it."""
-
-
-class ModelSpecError(ValueError):
-    """The MODEL argument is neither a known model name nor a valid model config file."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------------------
-class EvalDataset(Dataset):
-    """A fixed list of ``(image path, label)`` that yields ``(tensor or None, label, index, error or None)``.
-
-    A sample whose image cannot be read gives ``None`` and the reason instead of raising, so one bad file
-    does not stop an evaluation of 50,000; ``collate_skip_failed`` takes such samples out of the batch.
-
-    Attributes:
-        root: the data folder.
-        samples: ``[(path, label), ...]`` in evaluation order.
-        layout: ``"imagefolder"`` or ``"label-file"``.
-        classes: the class folder names (ImageFolder only; ``classes[label]``), else ``None``.
-        label_file: the label file used (label-file layout only), else ``None``.
-    """
-
-    def __init__(
-        self,
-        root: Union[str, Path],
-        samples: Sequence[tuple[str, int]],
-        layout: str,
-        *,
-        classes: Optional[Sequence[str]] = None,
-        label_file: Optional[Union[str, Path]] = None,
-        transform: Optional[EvalTransform] = None,
-    ):
-        self.root = Path(root)
-        self.samples = [(str(p), int(label)) for p, label in samples]
-        self.layout = layout
-        self.classes = list(classes) if classes is not None else None
-        self.label_file = Path(label_file) if label_file is not None else None
-        self.transform = transform if transform is not None else EvalTransform()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Optional[Tensor], int, int, Optional[str]]:
-        path, label = self.samples[index]
-        try:
-            return self.transform(path), label, index, None
-        except (ImageReadError, OSError) as e:  # OSError: e.g. the file vanished or the disk failed mid-run
-            return None, label, index, str(e)
-
-    def __repr__(self) -> str:
-        source = f"label_file={str(self.label_file)!r}" if self.label_file else f"classes={len(self.classes or [])}"
-        return f"{type(self).__name__}(root={str(self.root)!r}, layout={self.layout}, images={len(self)}, {source})"
-
-
-def build_eval_dataset(
-    root: Union[str, Path],
-    labels: Optional[Union[str, Path]] = None,
-    num_classes: Optional[int] = None,
-    transform: Optional[EvalTransform] = None,
-) -> EvalDataset:
-    """Scan ``root`` (ImageFolder or images + label file, see ``LAYOUTS``) into an ``EvalDataset``.
-
-    Args:
-        root: the validation folder.
-        labels: a label file; without it one is looked for only when ``root`` holds images directly
-            (``find_label_file``), otherwise ``root`` is read as an ImageFolder.
-        num_classes: the model's number of classes; every label must lie in ``0..num_classes-1``.
-        transform: the preprocessing (default: the published ``EvalTransform``).
-
-    Raises:
-        DatasetError: missing or empty folder, no label file for a flat folder, a bad label-file line
-            (with its line number), a listed image that does not exist, or a label out of range.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"Data folder {root} does not exist.\n{LAYOUTS}")
-    if not root.is_dir():
-        raise DatasetError(f"--data must be a folder, but {root} is a file.\n{LAYOUTS}")
-    if labels is not None:
-        return _from_label_file(root, Path(labels), num_classes, transform)
-
-    top_images = [p for p in root.iterdir() if p.is_file() and _is_image(p)]
-    if top_images:
-        found = find_label_file(root)
-        if found is None:
-            tried = ", ".join(str(p) for p in _label_file_candidates(root))
-            raise DatasetError(
-                f"{root} holds {len(top_images)} images directly but no label file was found (looked for "
-                f"{tried}). Pass one with --labels, or sort the images into one folder per class.\n{LAYOUTS}"
-            )
-        logger.info("Using the label file %s", found)
-        return _from_label_file(root, found, num_classes, transform)
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    seen: set = set()  # an image reached from two class folders (a link) counts once, in the first
-    samples = [(path, label) for label, name in enumerate(classes) for path in _images_under(root / name, seen)]
-    if not samples:
-        what = f"{len(classes)} sub-folders but no images in them" if classes else "no images and no sub-folders"
-        raise DatasetError(f"No images found in {root}: it has {what}.\n{LAYOUTS}")
-    if num_classes is not None:
-        if len(classes) > num_classes:
-            raise DatasetError(
-                f"{root} has {len(classes)} class folders, but the model has {num_classes} classes: folder "
-                f"{classes[num_classes]!r} (and any after it in sorted order) would get label {num_classes}, "
-                f"out of range 0..{num_classes - 1}. Evaluate with a model of {len(classes)} classes, remove "
-                f"the extra folders, or give the labels explicitly with --labels."
-            )
-        if len(classes) < num_classes:
-            # A subset of ImageNet's folders would silently get the wrong labels: say so.
-            logger.warning(
-                "%s has %d class folders for a %d-class model: labels are the folders' positions in sorted "
-                "order (0..%d). If these folders are a subset of the model's classes, the labels are wrong; "
-                "use a label file (--labels) instead.",
-                root, len(classes), num_classes, len(classes) - 1,
-            )
-    return EvalDataset(root, samples, "imagefolder", classes=classes, transform=transform)
-
-
-def _label_file_candidates(root: Path) -> list[Path]:
-    name = f"{root.resolve().name}.txt"
-    parent = root.resolve().parent
-    return [root / name, parent / name, parent / "meta" / name]
-
-
-def find_label_file(root: Union[str, Path]) -> Optional[Path]:
-    """The label file of a flat folder: ``DATA/<name>.txt``, ``<parent>/<name>.txt`` or
-    ``<parent>/meta/<name>.txt`` (mmpretrain), first found; ``None`` if there is none."""
-    return next((p for p in _label_file_candidates(Path(root)) if p.is_file()), None)
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _images_under(folder: Path, seen: Optional[set] = None) -> list[str]:
-    """The images under ``folder``, each once (also across calls sharing ``seen``), links followed safely
-    (``mvit_det.utils.walk``); what was skipped (link loops, unreadable folders, broken links) is logged."""
-    walked = walk_files(folder, lambda name: _is_image(Path(name)), seen)
-    if walked.skipped:
-        shown = "; ".join(f"{printable(path)}: {reason}" for path, reason in walked.skipped[:5])
-        more = f" ... and {len(walked.skipped) - 5} more" if len(walked.skipped) > 5 else ""
-        logger.warning("Skipped %d entries under %s: %s%s", len(walked.skipped), printable(str(folder)), shown, more)
-    return walked.files
-
-
-def _from_label_file(
-    root: Path, label_file: Path, num_classes: Optional[int], transform: Optional[EvalTransform]
-) -> EvalDataset:
-    if not label_file.is_file():
-        raise DatasetError(f"Label file {label_file} does not exist.\n{LAYOUTS}")
-    try:
-        text = label_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DatasetError(f"Label file {label_file} is not a UTF-8 text file.\n{LAYOUTS}") from None
-
-    samples: list[tuple[str, int]] = []
-    first_line: dict[str, int] = {}
-    missing: list[tuple[int, str]] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)  # the path may contain spaces, the label cannot
-        where = f"{label_file} line {lineno}"
-        if len(parts) != 2 or not _is_int(parts[1]):
-            raise DatasetError(
-                f"{where}: expected '<image path> <integer label>', got {line!r}.\n{LAYOUTS}"
-            )
-        rel, label = parts[0], int(parts[1])
-        if label < 0:
-            raise DatasetError(f"{where}: label {label} is negative; labels are 0-based class indices.")
-        if num_classes is not None and label >= num_classes:
-            raise DatasetError(
-                f"{where}: label {label} is out of range for a model with {num_classes} classes "
-                f"(valid labels: 0..{num_classes - 1}). Check that the label file belongs to this model's "
-                f"classes."
-            )
-        if rel in first_line:
-            raise DatasetError(f"{where}: {rel!r} is listed again (first on line {first_line[rel]}).")
-        first_line[rel] = lineno
-        path = root / rel
-        if not path.is_file():
-            missing.append((lineno, rel))
-        samples.append((str(path), label))
-
-    if missing:
-        lineno, rel = missing[0]
-        more = f" ({len(missing) - 1} more listed images are missing too)" if len(missing) > 1 else ""
-        raise DatasetError(
-            f"{label_file} line {lineno}: image {rel!r} not found in {root}{more}. Paths in the label file are "
-            f"relative to the data folder."
-        )
-    if not samples:
-        raise DatasetError(f"Label file {label_file} lists no images.\n{LAYOUTS}")
-    return EvalDataset(root, samples, "label-file", label_file=label_file, transform=transform)
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-    except ValueError:
-        return False
-    return True
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading: collate and sharding
-# --------------------------------------------------------------------------------------------------------
-@dataclass
-class EvalBatch:
-    """A batch with unreadable samples removed.
-
-    Attributes:
-        images: (B, 3, H, W) float32, B may be 0 when every sample of the batch failed.
-        labels: (B,) int64.
-        indices: (B,) int64, positions in the dataset.
-        failed: ``[(dataset index, reason), ...]`` of the samples left out.
-    """
-
-    images: Tensor
-    labels: Tensor
-    indices: Tensor
-    failed: list[tuple[int, str]] = field(default_factory=list)
-
-    def pin_memory(self) -> "EvalBatch":  # called by DataLoader(pin_memory=True)
-        return EvalBatch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
-
-
-def collate_skip_failed(items: Sequence[tuple[Optional[Tensor], int, int, Optional[str]]]) -> EvalBatch:
-    """Stack the readable samples of an ``EvalDataset`` batch; list the others in ``failed``."""
-    good = [(img, label, idx) for img, label, idx, _ in items if img is not None]
-    failed = [(idx, err) for img, _, idx, err in items if img is None]
-    if good:
-        images = torch.stack([g[0] for g in good])
-    else:
-        images = torch.empty(0, 3, 0, 0)
-    labels = torch.tensor([g[1] for g in good], dtype=torch.long)
-    indices = torch.tensor([g[2] for g in good], dtype=torch.long)
-    return EvalBatch(images, labels, indices, failed)
-
-
-class ShardSampler(Sampler[int]):
-    """Every ``num_replicas``-th index from ``rank``: the shards are disjoint and cover the data exactly once.
-
-    Unlike ``torch.utils.data.DistributedSampler`` nothing is padded or repeated, so the summed counts of
-    all processes equal a single-process run; shard sizes differ by at most one.
-    """
-
-    def __init__(self, num_samples: int, num_replicas: int, rank: int):
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}.")
-        self.num_samples = num_samples
-        self.num_replicas = num_replicas
-        self.rank = rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.num_replicas))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -533,92 +235,6 @@ def _non_finite_logits(model: torch.nn.Module, logits: Tensor, batch: EvalBatch,
 # --------------------------------------------------------------------------------------------------------
 # Model + checkpoint -> summary (what tools/cls_eval.py runs on every process)
 # --------------------------------------------------------------------------------------------------------
-_CONFIG_KEYS = {"arch": str, "num_classes": int, "expand_attn": bool, "cls_token": bool}
-
-
-def load_model_config(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a model config file: YAML (``.yaml``/``.yml``) or JSON (``.json``) with the keys
-
-    ``arch`` (required: ``tiny``/``small``/``base``/``large``/``huge``), ``num_classes`` (default 1000),
-    ``expand_attn`` (default true; false for the L in1k checkpoint), ``cls_token`` (default false; true for
-    the in21k checkpoints). Returns the keyword arguments of ``MViTv2``.
-    """
-    from ..models import ARCHS
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            cfg = json.loads(text)
-        else:
-            import yaml
-
-            cfg = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # json/yaml errors are ValueErrors
-        raise ModelSpecError(f"Cannot read model config {path}: {e}") from None
-    except Exception as e:  # yaml.YAMLError is not a ValueError
-        raise ModelSpecError(f"Cannot parse model config {path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelSpecError(f"Model config {path} must be a mapping with keys {sorted(_CONFIG_KEYS)}.")
-    unknown = sorted(set(cfg) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ModelSpecError(f"Model config {path}: unknown keys {unknown}; allowed: {sorted(_CONFIG_KEYS)}.")
-    if "arch" not in cfg:
-        raise ModelSpecError(f"Model config {path} needs 'arch', one of {sorted(ARCHS)}.")
-    for key, typ in _CONFIG_KEYS.items():
-        if key in cfg and (type(cfg[key]) is not typ):
-            raise ModelSpecError(f"Model config {path}: {key!r} must be a {typ.__name__}, got {cfg[key]!r}.")
-    if cfg["arch"] not in ARCHS:
-        raise ModelSpecError(f"Model config {path}: unknown arch {cfg['arch']!r}; choose from {sorted(ARCHS)}.")
-    if cfg.get("num_classes", 1000) < 1:
-        raise ModelSpecError(f"Model config {path}: num_classes must be >= 1, got {cfg['num_classes']}.")
-    return {"num_classes": 1000, **cfg}
-
-
-def model_num_classes(model_spec: str) -> int:
-    """Classes of the model ``build_model(model_spec, ...)`` builds, without building it."""
-    from ..models import get_card, list_models
-
-    if model_spec in list_models():
-        return get_card(model_spec).num_classes
-    return _config_or_error(model_spec)["num_classes"]
-
-
-def _config_or_error(model_spec: str) -> dict[str, Any]:
-    from ..models import list_models
-
-    path = Path(model_spec)
-    if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        if not path.is_file():
-            raise ModelSpecError(f"Model config file {path} does not exist.")
-        return load_model_config(path)
-    raise ModelSpecError(
-        f"Unknown model {model_spec!r}.{did_you_mean(model_spec, list_models())} Give a name from list_models() ({', '.join(list_models())}) "
-        f"or a .yaml/.json model config file."
-    )
-
-
-#: ``model_spec`` of a checkpoint that names its own model (written by tools/cls_train.py).
-SELF_DESCRIBED = "<described by the checkpoint>"
-
-
-def build_model(model_spec: str, checkpoint: Union[str, Path]) -> torch.nn.Module:
-    """A model name from ``list_models()`` or a model config file (``load_model_config``), with the weights of
-    ``checkpoint`` (a path or URL in any format ``mvit_det.checkpoint`` reads), loaded strictly.
-    ``SELF_DESCRIBED``: the checkpoint names its model."""
-    from ..models import MViTv2, get_model, list_models
-
-    if model_spec == SELF_DESCRIBED:
-        return get_model(pretrained=str(checkpoint))
-    if model_spec in list_models():
-        return get_model(model_spec, pretrained=str(checkpoint))
-    from ..checkpoint import load_checkpoint
-
-    model = MViTv2(**_config_or_error(model_spec))
-    load_checkpoint(model, str(checkpoint), strict=True)
-    return model.eval()
-
-
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -647,7 +263,7 @@ def evaluate_checkpoint(
 
     Returns ``(summary, result)``: the JSON-ready dict ``tools/cls_eval.py`` writes, and the ``EvalResult``.
     """
-    model = build_model(model_spec, checkpoint_file or checkpoint)
+    model = build_classifier(model_spec, checkpoint_file or checkpoint)
     result = evaluate(model, dataset, batch_size=batch_size, workers=workers, device=device, amp=amp, progress=progress)
     rank, world = get_rank(), get_world_size()
     digest = sha256_file(checkpoint_file or checkpoint) if rank == 0 else None
@@ -680,24 +296,6 @@ def evaluate_checkpoint(
         if math.isnan(summary[key]):
             summary[key] = None  # JSON has no NaN
     return summary, result
-
-
-def limit_dataset(dataset: EvalDataset, limit: int) -> EvalDataset:
-    """``limit`` images spread evenly over ``dataset`` (every ``len/limit``-th), for a quick check.
-
-    Evenly spread rather than the first ``limit``: an ImageFolder is sorted by class, so its first images
-    would all share one label.
-    """
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}.")
-    n = len(dataset)
-    if limit >= n:
-        return dataset
-    picked = [dataset.samples[i * n // limit] for i in range(limit)]
-    return EvalDataset(
-        dataset.root, picked, dataset.layout, classes=dataset.classes, label_file=dataset.label_file,
-        transform=dataset.transform,
-    )
 
 
 # --------------------------------------------------------------------------------------------------------

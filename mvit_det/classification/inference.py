@@ -8,9 +8,11 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..checkpoint.described import model_class_names, model_transform
+from ..checkpoint.described import model_class_names
 from ..data.images import ImageSource
-from ..models import MViTv2, get_model
+from ..hub import get_model
+from ..models import MViTv2
+from .described import model_transform
 
 __all__ = ["imagenet_classes", "inference_model"]
 

@@ -33,9 +33,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint.described import describe_classifier
 from ..utils.dist import is_distributed
-from .evaluate import AMP_DTYPES, EvalDataset, autocast, collate_skip_failed, evaluate
+from .described import describe_classifier
+from .datasets import EvalDataset, collate_skip_failed
+from .evaluate import AMP_DTYPES, autocast, evaluate
 from .recipes import Recipe, resolve_recipe
 from .train_data import GlobalBatchSampler, TrainDataset, build_train_transform, eval_transform, prepare_data, sample_seed
 from .train_report import MetricsLog, confusion_matrix, plot_confusion_matrix

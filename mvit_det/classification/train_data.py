@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..data.images import ImageReadError, load_image
-from .evaluate import LAYOUTS, DatasetError, EvalDataset, build_eval_dataset
+from .datasets import LAYOUTS, DatasetError, EvalDataset, build_eval_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 __all__ = [
