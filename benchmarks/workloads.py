@@ -119,8 +119,25 @@ class Workload:
         return torch.compile(model, backend=compile_backend())
 
 
+class _Float32(nn.Module):
+    """``model`` run in float32 whatever autocast says: ours at full precision, timed beside its bf16 run."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.model(x.float())
+
+
 class ClsWorkload(Workload):
     references = ("timm", "mmpretrain")
+
+    def variants(self, ours: nn.Module) -> dict[str, nn.Module]:
+        # With --dtype bf16/fp16, ours in fp32 too: is reduced precision worth it on this machine? (On a CPU
+        # without native bf16, "bf16" computes in fp32 and must cost no more than fp32 itself.)
+        return {} if self.s.dtype == "fp32" else {f"{OURS} fp32": _Float32(ours)}
 
     def __init__(self, s: Settings):
         super().__init__(s)
