@@ -1,8 +1,8 @@
 """mvit-det: MViTv2 for ImageNet classification and Detectron2 detection."""
-from .hub import get_model
-from .models import ARCHS, MViTv2, get_arch, list_models
+__version__ = "0.1.0"  # first: submodules import it
 
-__version__ = "0.1.0"
+from .hub import get_model  # noqa: E402
+from .models import ARCHS, MViTv2, get_arch, list_models  # noqa: E402
 
 __all__ = ["ARCHS", "MViTv2", "get_arch", "get_model", "inference_model", "list_models", "add_mvitv2_config"]
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import __version__
 from ..models import MODEL_CARDS
 from ..utils.atomic import atomic_open, atomic_path
 
@@ -393,8 +394,6 @@ def save_checkpoint(
     (:func:`mvit_det.utils.atomic.atomic_open`), so a crash never leaves a half-written checkpoint under the final
     name, and a process still reading the old file keeps it whole.
     """
-    from .. import __version__
-
     sd = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
     if not isinstance(sd, Mapping):
         raise TypeError(f"save_checkpoint expects a state dict or an nn.Module, got {type(sd).__name__}.")

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from ..hub import SELF_DESCRIBED, build_classifier
 from ..utils.atomic import atomic_open
 from ..utils.dist import get_rank, get_world_size, is_distributed
+from ..utils.launch import spawn_cpu
 from ..utils.walk import printable
 from .datasets import EvalBatch, EvalDataset, ShardSampler, collate_skip_failed
 
@@ -383,8 +384,6 @@ def spawn_job(job: EvalJob, num_procs: int) -> dict[str, Any]:
     Returns rank 0's summary. Raises ``torch.multiprocessing.ProcessRaisedException`` /
     ``ProcessExitedException`` if a process fails (the others are then stopped).
     """
-    from ..utils.launch import spawn_cpu
-
     if torch.device(job.device).type != "cpu":
         raise ValueError("spawn_job runs CPU processes only; for GPUs launch with torchrun --nproc-per-node N.")
     return spawn_cpu(run_job, (job,), num_procs)

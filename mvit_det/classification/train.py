@@ -30,19 +30,43 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import __version__
+from ..checkpoint import save_checkpoint
+from ..checkpoint.io import load_file
+from ..models import get_card
 from ..utils.dist import is_distributed
-from .described import describe_classifier
 from .datasets import EvalDataset, collate_skip_failed
+from .described import describe_classifier
 from .evaluate import AMP_DTYPES, autocast, evaluate
 from .recipes import Recipe, resolve_recipe
-from .train_data import GlobalBatchSampler, TrainDataset, build_train_transform, eval_transform, prepare_data, sample_seed
+from .train_data import (
+    GlobalBatchSampler,
+    TrainDataset,
+    build_train_transform,
+    eval_transform,
+    prepare_data,
+    sample_seed,
+)
 from .train_report import MetricsLog, confusion_matrix, plot_confusion_matrix
 from .train_state import (
-    OutputError, ResumeError, TrainingDiverged, atomic_save, build_model, build_optimizer, build_scheduler,
-    check_output, freeze_stages, load_pretrained, rng_state, set_rng_state,
+    OutputError,
+    ResumeError,
+    TrainingDiverged,
+    atomic_save,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    check_output,
+    freeze_stages,
+    load_pretrained,
+    rng_state,
+    set_rng_state,
 )
 
 __all__ = ["OutputError", "ResumeError", "TrainConfig", "TrainingDiverged", "train"]
@@ -149,7 +173,6 @@ class _Run:
                          val_split=cfg.val_split, seed=cfg.seed) if self.rank == 0 else None,
             self.rank, self.world,
         )  # fmt: skip
-        from ..models import get_card
 
         self.recipe: Recipe = resolve_recipe(get_card(cfg.model).arch, cfg.recipe, cfg.config, cfg.overrides)
         self.names = self.data.class_names
@@ -163,7 +186,6 @@ class _Run:
                     f"{self.sampler.micro} (batch {r.batch_size} / {self.world} process(es) / {cfg.accum_steps} "
                     "accumulation step(s)). Choose another --batch-size, or set mixup: 0 and cutmix: 0."
                 )
-            from timm.data import Mixup
 
             self.mixup = Mixup(
                 mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mixup_prob, switch_prob=r.mixup_switch_prob,
@@ -172,9 +194,6 @@ class _Run:
         self._build_model()
 
     def _build_model(self) -> None:
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        from timm.utils import ModelEmaV3
-
         cfg, r = self.cfg, self.recipe
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model, self.model_kwargs = build_model(cfg.model, len(self.names), r, cfg.act_checkpoint)
@@ -223,14 +242,11 @@ class _Run:
         )
 
     def save_weights(self, name: str, **extra: Any) -> Path:
-        from ..checkpoint import save_checkpoint
-
         return save_checkpoint(self.eval_model().state_dict(), self.out / name, meta=self.description(**extra))
 
     def save_state(self) -> None:
         if self.rank != 0:
             return
-        from .. import __version__
 
         state = {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -243,8 +259,6 @@ class _Run:
         atomic_save({"model": self.model.state_dict(), "meta": meta, "train_state": state}, self.out / "last.pth")
 
     def resume(self) -> bool:
-        from ..checkpoint.io import load_file
-
         path = self.out / "last.pth"
         if not path.is_file():
             if self.rank == 0:
@@ -324,8 +338,6 @@ class _Run:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.recipe.clip_grad:
-            from timm.utils import dispatch_clip_grad
-
             dispatch_clip_grad(params, self.recipe.clip_grad)
         if not self.scaler.is_enabled():
             norm = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params]))

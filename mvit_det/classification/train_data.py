@@ -19,7 +19,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import create_transform
 from torch.utils.data import Dataset, Sampler
 
 from ..data.images import ImageReadError, load_image
@@ -188,8 +189,6 @@ def prepare_data(
 # --------------------------------------------------------------------------------------------------------
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize with Pillow < 13's result for 0 bits (a black image); Pillow 13 raises instead."""
-    from PIL import ImageOps
-
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -208,8 +207,6 @@ def _fix_posterize(transform) -> None:
 
 def build_train_transform(recipe):
     """timm's ImageNet training pipeline (``timm.data.create_transform``) with the recipe's augmentations."""
-    from timm.data import create_transform
-
     transform = create_transform(
         input_size=recipe.img_size,
         is_training=True,

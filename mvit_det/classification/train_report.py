@@ -5,7 +5,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
 from ..utils.atomic import atomic_open
 
@@ -16,8 +19,6 @@ class MetricsLog:
     """One record per epoch in ``metrics.json`` (rewritten atomically) and the same scalars in TensorBoard."""
 
     def __init__(self, output: Path, records: Optional[list[dict[str, Any]]] = None):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.path = Path(output) / "metrics.json"
         self.records = list(records or [])
         self.writer = SummaryWriter(log_dir=str(Path(output) / "tensorboard"))
@@ -48,10 +49,7 @@ def confusion_matrix(labels: Sequence[int], preds: Sequence[int], num_classes: i
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
     """Draw ``cm`` (counts, row-normalised colours) with the class names and write it as a PNG, atomically."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     n = len(class_names)
     side = min(24.0, max(4.0, 0.45 * n + 2))

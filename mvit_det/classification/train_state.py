@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from ..checkpoint import describe_state_dict, load_checkpoint, read_checkpoint
 from ..models import MViTv2, get_card
 from ..utils.atomic import atomic_open
 from .recipes import Recipe
@@ -87,8 +90,6 @@ def load_pretrained(model: MViTv2, model_name: str, pretrained: Optional[str]) -
     """Initialise ``model`` from ``pretrained``: ``None`` = the model's published weights, ``"none"`` = random,
     else a path or URL in any format the loaders read. A head of another size is left new; a detector's trunk
     fills everything but the classifier's norm and head. Returns a one-line description for the log."""
-    from ..checkpoint import describe_state_dict, load_checkpoint, read_checkpoint
-
     if pretrained is not None and pretrained.lower() == "none":
         return "random initialisation (--pretrained none)"
     source = get_card(model_name).url if pretrained is None else pretrained
@@ -145,8 +146,6 @@ class _LayerView:
 def build_optimizer(model: MViTv2, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2``: no weight decay on norms, biases, rel-pos tables and the class token
     (``model.no_weight_decay()``); with ``layer_decay`` the learning rate shrinks by that factor per block."""
-    from timm.optim import create_optimizer_v2, param_groups_layer_decay
-
     group_fn: Optional[Callable] = None
     if recipe.layer_decay is not None:
         def group_fn(m):  # noqa: E306 - timm calls it with the model
@@ -165,8 +164,6 @@ def build_optimizer(model: MViTv2, recipe: Recipe, lr: float) -> torch.optim.Opt
 
 def build_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int):
     """timm's ``CosineLRScheduler`` per optimiser step: linear warm-up, then cosine to ``min_lr``."""
-    from timm.scheduler import CosineLRScheduler
-
     total = recipe.epochs * steps_per_epoch
     warmup = min(total - 1, round(recipe.warmup_epochs * steps_per_epoch))
     return CosineLRScheduler(

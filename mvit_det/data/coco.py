@@ -30,6 +30,10 @@ import os
 from collections import Counter
 from typing import Any, Iterable, Optional
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import load_coco_json
+from detectron2.structures import BoxMode
+
 __all__ = ["check_datasets_registered", "load_coco_instances", "register_coco_instances"]
 
 logger = logging.getLogger(__name__)
@@ -65,8 +69,6 @@ def load_coco_instances(json_file: str, image_root: str, dataset_name: Optional[
     Returns detectron2 dataset dicts (boxes in ``BoxMode.XYWH_ABS``), and, like ``load_coco_json``, fills the
     dataset's ``thing_classes`` metadata when ``dataset_name`` is given.
     """
-    from detectron2.data.datasets.coco import load_coco_json
-
     name = dataset_name or json_file
     _check_paths(json_file, image_root, name)
     if os.path.getsize(json_file) == 0:
@@ -112,8 +114,6 @@ def _drop_missing_images(dicts: list[dict], json_file: str, image_root: str, nam
 
 def _check_boxes(dicts: list[dict], name: str) -> list[dict]:
     """Drop zero-area boxes and boxes outside the image, clip boxes that cross its border (XYWH_ABS)."""
-    from detectron2.structures import BoxMode
-
     empty = outside = clipped = 0
     for d in dicts:
         h, w = d.get("height"), d.get("width")
@@ -155,8 +155,6 @@ def register_coco_instances(name: str, metadata: dict[str, Any], json_file: str,
     Raises:
         FileNotFoundError: ``json_file`` or ``image_root`` does not exist (checked now, not at first use).
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     json_file, image_root = os.fspath(json_file), os.fspath(image_root)
     _check_paths(json_file, image_root, name)
     DatasetCatalog.register(name, lambda: load_coco_instances(json_file, image_root, name))
@@ -169,8 +167,6 @@ def check_datasets_registered(names: Iterable[str]) -> None:
     Called before a loader is built, so that a typo fails with the list of registered names instead of deep inside
     detectron2. Builtin datasets (detectron2's, and this package's toy set) are registered on import.
     """
-    from detectron2.data import DatasetCatalog
-
     names = [names] if isinstance(names, str) else list(names)
     registered = DatasetCatalog.list()
     missing = [n for n in names if n not in registered]

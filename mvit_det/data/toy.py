@@ -39,6 +39,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .coco import load_coco_instances
 
 __all__ = [
     "TOY_CLASSES",
@@ -269,8 +272,6 @@ def generate_toy_dataset(out_dir: str | os.PathLike, spec: ToySpec = ToySpec()) 
 
 def _load_split(base: Path, split: str, name: str) -> list[dict]:
     """The ``DatasetCatalog`` loader of one toy split: generate the set on first use, then read it checked."""
-    from .coco import load_coco_instances
-
     generate_toy_dataset(base)  # returns at once when an identical set is already on disk
     return load_coco_instances(
         str(base / "annotations" / f"instances_{split}.json"), str(base / split), dataset_name=name
@@ -294,8 +295,6 @@ def register_toy_dataset(root: str | os.PathLike | None = None) -> dict[str, str
     Raises:
         ValueError: the names are already registered for a different location.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     base = ((Path(root).expanduser() if root is not None else default_datasets_root()) / _DIRNAME).resolve()
     out = {}
     for name, split in zip(TOY_DATASET_NAMES, ("train", "val")):

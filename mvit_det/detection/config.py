@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode as CN
-from detectron2.data import detection_utils
-from detectron2.data import transforms as T
+from detectron2.data import detection_utils, transforms as T
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils.registry import locate
+from omegaconf import DictConfig, ListConfig
 
 from ..models.mvitv2 import NO_WEIGHT_DECAY
 from ..utils.hints import did_you_mean
@@ -139,8 +140,6 @@ def build_optimizer(cfg: CN, model: torch.nn.Module) -> torch.optim.Optimizer:
 def _target_params(target: Any) -> tuple[list[str], bool]:
     """(parameter names, accepts **kwargs) of a LazyCall target; ([], True) when it cannot be inspected."""
     if isinstance(target, str):
-        from detectron2.utils.registry import locate
-
         try:
             target = locate(target)
         except Exception:
@@ -163,8 +162,6 @@ def check_lazy_overrides(cfg: Any, overrides: Sequence[str]) -> None:
     Raises:
         ValueError: naming the key, the closest existing keys and the keys available at that level.
     """
-    from omegaconf import DictConfig, ListConfig
-
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         parts = key.split(".")

@@ -31,17 +31,23 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import detectron2
 import numpy as np
 import torch
-from torch import nn
-
 from detectron2.data.catalog import Metadata
 from detectron2.data.transforms import ResizeTransform
+from detectron2.export import TracingAdapter
+from detectron2.export.flatten import flatten_to_tuple
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
 
 from ..utils.atomic import temp_name
+from .builders import build_model
+from .checkpoint import MViTv2Checkpointer
+from .predictor import _check_image, dataset_metadata
+from .run_config import _set, is_lazy, load_config
 
 __all__ = [
     "FORMATS",
@@ -74,11 +80,6 @@ class ExportCheckError(RuntimeError):
 def load_detector(config: str, weights: str, opts: Sequence[str] = ()) -> tuple[nn.Module, list[str] | None]:
     """Build the detector of a LazyConfig ``.py`` or yacs ``.yaml`` config on the CPU, load ``weights`` (every
     weight must come from the checkpoint) and return it in eval mode with the test dataset's class names."""
-    from .checkpoint import MViTv2Checkpointer
-    from .builders import build_model
-    from .run_config import _set, is_lazy, load_config
-    from .predictor import dataset_metadata
-
     cfg = load_config(config, opts)
     if not weights:
         raise ValueError("No --weights given: export a trained detector checkpoint (model_final.pth or a zoo file).")
@@ -112,8 +113,6 @@ def graph_inference(model: GeneralizedRCNN, image: torch.Tensor, image_size: tor
 
 def prepare_image(image: np.ndarray, hw: Sequence[int], channel_order: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """BGR uint8 (H, W, 3) -> the graph's ``image`` (3, *hw) float32 tensor and the (h, w) of the resized image."""
-    from .predictor import _check_image
-
     image = _check_image(image)
     height, width = image.shape[:2]
     scale = min(hw[0] / height, hw[1] / width)
@@ -141,8 +140,6 @@ class _FixedSizePredictor:
 
     def check(self, image: Any) -> np.ndarray:
         """Raise ``TypeError``/``ValueError`` (with the fix) if ``image`` cannot be run; return it otherwise."""
-        from .predictor import _check_image
-
         return _check_image(image)
 
     @torch.no_grad()
@@ -177,8 +174,6 @@ class PyTorchFixedSizePredictor(_FixedSizePredictor):
         self.metadata = Metadata(name="exported", thing_classes=class_names) if class_names else Metadata()
 
     def _run(self, image, size):
-        from detectron2.export.flatten import flatten_to_tuple
-
         outputs, schema = flatten_to_tuple(graph_inference(self.model, image, size))
         self.output_names = list(schema.keys) + [_SIZE_OUTPUT]
         return list(outputs)
@@ -300,8 +295,6 @@ def _write_graph(model: GeneralizedRCNN, fmt: str, image: torch.Tensor, size: to
                  opset: int) -> tuple[list[str], tuple[torch.Tensor, ...]]:  # fmt: skip
     """Trace ``model`` (through TracingAdapter) on one input and write it to ``dest``; return the output names and
     the eager PyTorch outputs on that input (the reference of the check)."""
-    from detectron2.export import TracingAdapter
-
     adapter = TracingAdapter(model, (image, size), inference_func=graph_inference).eval()  # export restores it
     with torch.no_grad(), warnings.catch_warnings():
         # Python-side shapes and branches are frozen at the traced size on purpose: the input size is fixed.
@@ -375,8 +368,6 @@ def export_detector(model: GeneralizedRCNN, fmt: str, output_dir: Union[str, os.
 
 
 def _versions() -> dict[str, str]:
-    import detectron2
-
     v = {"torch": torch.__version__, "detectron2": detectron2.__version__}
     with contextlib.suppress(ImportError):
         import onnxruntime

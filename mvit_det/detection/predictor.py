@@ -36,17 +36,19 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
-
-import detectron2.data.transforms as T
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
+from detectron2.structures import Boxes
 
 from ..models.fastpath import log_bf16_fallback, native_bf16
 from .checkpoint import MViTv2Checkpointer
+from .run_config import is_lazy, load_config
 
 __all__ = ["PRECISIONS", "CheckedDefaultPredictor", "LazyPredictor", "build_predictor", "dataset_metadata"]
 
@@ -141,8 +143,6 @@ def _autocast_context(device: torch.device, precision: str):
 
 def _float32_instances(instances):
     """Reduced-precision runs can leave float16/bfloat16 fields; hand back float32 like an fp32 run."""
-    from detectron2.structures import Boxes
-
     for name, value in list(instances.get_fields().items()):
         if isinstance(value, Boxes) and value.tensor.dtype != torch.float32:
             instances.set(name, Boxes(value.tensor.float()))
@@ -153,8 +153,6 @@ def _float32_instances(instances):
 
 #: detectron2's ``TEST.AUG`` defaults (``detectron2.config.defaults``), used by ``tta=True`` for LazyConfig models.
 def _default_tta() -> dict:
-    from detectron2.config import get_cfg
-
     aug = get_cfg().TEST.AUG
     return {"min_sizes": list(aug.MIN_SIZES), "max_size": int(aug.MAX_SIZE), "flip": bool(aug.FLIP)}
 
@@ -178,9 +176,6 @@ def _tta_settings(tta: Union[bool, Mapping, None], defaults: dict) -> Optional[d
 
 def _lazy_tta_cfg(model: torch.nn.Module, settings: dict):
     """The yacs keys ``GeneralizedRCNNWithTTA`` reads, filled from a LazyConfig-built model."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import GeneralizedRCNN
-
     if not isinstance(model, GeneralizedRCNN):
         raise ValueError(f"Test-time augmentation needs a GeneralizedRCNN (Mask/Cascade R-CNN), got {type(model).__name__}.")
     roi_heads = model.roi_heads
@@ -222,8 +217,6 @@ class _BatchedPredictor:
         self.tta_settings = None
         settings = tta_cfg_fn(tta)
         if settings is not None:
-            from detectron2.modeling import GeneralizedRCNNWithTTA
-
             cfg, self.tta_settings = settings
             self.tta = GeneralizedRCNNWithTTA(cfg, self.model, batch_size=batch_size)
 
@@ -428,8 +421,6 @@ def build_predictor(
 
     The returned predictor has a ``metadata`` attribute with the test dataset's class names.
     """
-    from .run_config import is_lazy, load_config
-
     cfg = load_config(config_path, opts)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = dict(batch_size=batch_size, precision=precision, tta=tta)

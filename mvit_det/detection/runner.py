@@ -21,9 +21,16 @@ import os
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import cv2
 import numpy as np
+import torch
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
+from pycocotools import mask as mask_util
+from tqdm import tqdm
 
-from ..data.images import IMAGE_EXTENSIONS
+from ..data.images import IMAGE_EXTENSIONS, ImageReadError, load_image
 
 __all__ = [
     "CocoResultsWriter",
@@ -110,9 +117,6 @@ def _atomic_write_text(path: str, text: str) -> None:
 def read_image_bgr(path: str) -> np.ndarray:
     """An image file as an upright BGR uint8 array (``mvit_det.data.images.load_image``: any mode, EXIF rotation).
     Raises ``ImageReadError`` naming the file for missing, corrupt, non-image files and decompression bombs."""
-    from PIL import Image
-
-    from ..data.images import ImageReadError, load_image
 
     try:
         rgb = np.asarray(load_image(path))
@@ -160,9 +164,6 @@ class CocoResultsWriter:
 
     def add(self, file_name: str, height: int, width: int, instances, **extra) -> int:
         """Add one image and its ``Instances`` (image coordinates); returns the image id (1, 2, ...)."""
-        import torch
-        from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": file_name, "height": int(height), "width": int(width), **extra})
         instances = instances.to("cpu")  # a copy
@@ -171,8 +172,6 @@ class CocoResultsWriter:
         for ann in instances_to_coco_json(instances, image_id):
             x, y, w, h = ann["bbox"]
             if "segmentation" in ann:
-                from pycocotools import mask as mask_util
-
                 area = float(mask_util.area(ann["segmentation"]))
             else:
                 area = float(w * h)
@@ -203,8 +202,6 @@ class CocoResultsWriter:
 # ------------------------------------------------------------------------------------------------------------
 def draw_detections(rgb: np.ndarray, instances, metadata, threshold: float) -> np.ndarray:
     """The detections with score >= ``threshold`` drawn on ``rgb`` by detectron2's ``Visualizer``; returns RGB."""
-    from detectron2.utils.visualizer import ColorMode, Visualizer
-
     instances = instances.to("cpu")
     shown = instances[instances.scores >= threshold]
     vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(shown)
@@ -240,9 +237,6 @@ def run_images(
     unreadable image or one the predictor refuses (its reason names the fix). Returns the skipped paths. At most
     ``batch_size`` images are held in memory at a time.
     """
-    from tqdm import tqdm
-
-    from ..data.images import ImageReadError
 
     skipped: list[str] = []
 
@@ -270,8 +264,6 @@ def run_images(
 # ------------------------------------------------------------------------------------------------------------
 def open_video(path: str):
     """``cv2.VideoCapture`` of ``path`` and its (frame count, fps, width, height); RunError if unreadable."""
-    import cv2
-
     if not os.path.isfile(path):
         raise RunError(f"Video {path} does not exist.")
     cap = cv2.VideoCapture(path)
@@ -307,9 +299,6 @@ def run_video(
     Both outputs are written to temporary files next to them and renamed when complete. Returns
     ``{"frames", "fps", "width", "height"}`` of what was written.
     """
-    import cv2
-    from tqdm import tqdm
-
     if dst is None and json_path is None:
         raise RunError("run_video needs an output video path and/or a JSON path.")
     cap, count, fps, width, height = open_video(src)
@@ -360,8 +349,6 @@ def run_video(
 
 def open_camera(index: int):
     """``cv2.VideoCapture(index)``, or RunError when there is no such camera."""
-    import cv2
-
     cap = cv2.VideoCapture(index)
     if not cap.isOpened():
         cap.release()
@@ -374,8 +361,6 @@ def open_camera(index: int):
 
 def check_gui() -> None:
     """RunError if this OpenCV build cannot open windows (opencv-python-headless)."""
-    import cv2
-
     info = cv2.getBuildInformation()
     gui = info.split("GUI:", 1)[1].splitlines()[0].strip() if "GUI:" in info else ""
     if gui.upper() in ("", "NONE"):
@@ -388,8 +373,6 @@ def check_gui() -> None:
 
 def run_webcam(predictor, cap, *, threshold: float = 0.5, window: str = "mvit-det (q to quit)") -> int:
     """Show detections on the live camera ``cap`` until ``q`` (or Esc) is pressed; returns the frame count."""
-    import cv2
-
     shown = 0
     try:
         for frame in _frames(cap):

@@ -18,11 +18,20 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+from detectron2.data.catalog import Metadata
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
+
+from ..checkpoint import DownloadError, download
+from ..checkpoint.io import cache_path, is_url
 from ..utils.hints import did_you_mean
+from .predictor import LazyPredictor
+from .run_config import load_config
 
 __all__ = ["DetectorCard", "DETECTORS", "list_detectors", "get_detector_card", "get_detector", "class_names"]
 
@@ -124,12 +133,8 @@ DETECTORS: dict[str, DetectorCard] = {
 @lru_cache(maxsize=None)
 def _class_names(dataset: str) -> tuple[str, ...]:
     if dataset == "COCO":
-        from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
         return tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"])  # sorted by COCO id, 80 classes
     if dataset == "LVIS v1":
-        from detectron2.data.datasets.lvis_v1_categories import LVIS_CATEGORIES
-
         # 1203 classes, named as detectron2's LVIS metadata names them (the first synonym)
         return tuple(c["synonyms"][0] for c in sorted(LVIS_CATEGORIES, key=lambda c: c["id"]))
     raise ValueError(f"Unknown dataset {dataset!r}: 'COCO' or 'LVIS v1'.")
@@ -144,8 +149,6 @@ def class_names(dataset: str) -> list[str]:
 
 def list_detectors(pattern: str = "*") -> list[str]:
     """Names accepted by ``get_detector``, optionally filtered by a glob pattern (e.g. ``"vitdet_lvis_*"``)."""
-    from fnmatch import fnmatch
-
     return [n for n in DETECTORS if fnmatch(n, pattern)]
 
 
@@ -170,9 +173,6 @@ def fetch_checkpoint(url: str, *, progress: bool = True) -> Path:
     """Download a detectron2 model-zoo checkpoint into the shared cache (``mvit_det.checkpoint.download``) and
     check the MD5 prefix in its file name. A fresh download with the wrong hash is removed from the cache; a wrong
     file already in the cache is refused with its path."""
-    from ..checkpoint import DownloadError, download
-    from ..checkpoint.io import cache_path
-
     name = url.rsplit("/", 1)[-1].split("?", 1)[0]
     cached = cache_path(url).is_file()
     path = Path(download(url, progress=progress))
@@ -218,10 +218,6 @@ def get_detector(
     ``{"instances": Instances}`` out) with ``metadata.thing_classes`` set to the dataset's classes and ``card``
     set to the :class:`DetectorCard`.
     """
-    from ..checkpoint.io import is_url
-    from .run_config import load_config
-    from .predictor import LazyPredictor
-
     card = get_detector_card(name)
     if not card.config_path.is_file():
         raise FileNotFoundError(
@@ -242,7 +238,6 @@ def get_detector(
     predictor = LazyPredictor(cfg, weights=weights, device=device, batch_size=batch_size, precision=precision, tta=tta)
     meta = predictor.metadata
     if list(meta.get("thing_classes", [])) != card.classes:  # e.g. the dataset was re-registered by the user
-        from detectron2.data.catalog import Metadata
 
         predictor.metadata = Metadata(name=card.dataset, thing_classes=card.classes)
     predictor.card = card

@@ -13,12 +13,12 @@ from math import prod
 from typing import Any
 
 import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 
 def _sdpa_flop(inputs: list[Any], outputs: list[Any]) -> int:
-    from fvcore.nn.jit_handles import get_shape
-
     q, k, v = (get_shape(t) for t in inputs[:3])
     n_q, c = q[-2], q[-1]
     n_k, c_v = k[-2], v[-1]
@@ -27,19 +27,15 @@ def _sdpa_flop(inputs: list[Any], outputs: list[Any]) -> int:
 
 
 def _baddbmm_flop(inputs: list[Any], outputs: list[Any]) -> int:
-    from fvcore.nn.jit_handles import get_shape
-
     (batch, n, k), m = get_shape(inputs[1]), get_shape(inputs[2])[-1]
     return batch * n * k * m
 
 
-def flop_count(model: nn.Module, inputs: torch.Tensor | tuple) -> "fvcore.nn.FlopCountAnalysis":  # noqa: F821
+def flop_count(model: nn.Module, inputs: torch.Tensor | tuple) -> FlopCountAnalysis:
     """An fvcore ``FlopCountAnalysis`` that also counts ``scaled_dot_product_attention`` and ``baddbmm``.
 
     ``.total()`` is in multiply-accumulates, the unit of every published MViTv2 "FLOPs" figure.
     """
-    from fvcore.nn import FlopCountAnalysis
-
     analysis = FlopCountAnalysis(model, inputs)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop)
     analysis.set_op_handle("aten::baddbmm", _baddbmm_flop)
