@@ -17,6 +17,7 @@ from detectron2.modeling import MViT, build_backbone, build_model
 
 import mvit_det.models.mvitv2 as mvitv2_module
 from mvit_det.detection import MViTv2Backbone, add_mvitv2_config, build_mvitv2_backbone
+from mvit_det.detection.backbone import DET_DROP_PATH
 from mvit_det.models import ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_yacs_sizes_and_options():
     assert bottom_up.arch == ARCHS["small"]
     assert len(bottom_up.blocks) == 16
     # DROP_PATH_RATE None: the size's recipe value, rising linearly to the last block.
-    assert bottom_up.blocks[-1].drop_path.drop_prob == pytest.approx(ARCHS["small"].det_drop_path_rate)
+    assert bottom_up.blocks[-1].drop_path.drop_prob == pytest.approx(DET_DROP_PATH["small"])
     assert list(backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
 
     cfg = yacs_cfg(opts=["MODEL.MVIT.DROP_PATH_RATE", "0.3", "MODEL.MVIT.OUT_FEATURES", "['scale3', 'scale4', 'scale5']",

@@ -14,6 +14,7 @@ from detectron2.layers import NaiveSyncBatchNorm
 from detectron2.modeling import build_model
 
 from mvit_det.detection import MViTv2Backbone, add_mvitv2_config, build_augmentation, build_optimizer
+from mvit_det.detection.backbone import det_drop_path
 from mvit_det.models import get_arch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -86,7 +87,7 @@ def test_large_config_recipes(name):
     cfg, spec = load(name), OTHERS[name]
     bottom_up = cfg.model.backbone.bottom_up
     assert bottom_up.size == spec["size"] and bottom_up.drop_path_rate is None
-    assert get_arch(bottom_up.size).det_drop_path_rate == spec["drop_path"]
+    assert det_drop_path(bottom_up.size) == spec["drop_path"]
     assert bottom_up.act_checkpoint == (spec["size"] == "huge")
     assert cfg.train.init_checkpoint == "detectron2://ImageNetPretrained/mvitv2/" + spec["ckpt"]
     assert cfg.optimizer.lr == spec["lr"]

@@ -21,7 +21,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
-from ..models import MViTv2, get_arch
+from ..models import ARCHS, MViTv2, get_arch
 from ..models.mvitv2 import STAGE_NAMES, STAGE_STRIDES
 
 __all__ = [
@@ -32,6 +32,16 @@ __all__ = [
 ]
 
 
+#: stochastic depth of detectron2's MViTv2 detection recipes, per size (a training-recipe value, not a size fact)
+DET_DROP_PATH = {"tiny": 0.2, "small": 0.2, "base": 0.4, "large": 0.5, "huge": 0.6}
+
+
+def det_drop_path(size: str) -> float:
+    """``DET_DROP_PATH`` for any spelling of a size (``"T"``, ``"tiny"``, ``"mvitv2_t"``)."""
+    arch = get_arch(size)
+    return next(DET_DROP_PATH[name] for name, a in ARCHS.items() if a == arch)
+
+
 class MViTv2Backbone(MViTv2, Backbone):
     """Detection-mode MViTv2 with detectron2's ``Backbone`` interface.
 
@@ -39,7 +49,7 @@ class MViTv2Backbone(MViTv2, Backbone):
         size: "tiny"/"T", "small"/"S", "base"/"B", "large"/"L", "huge"/"H" (see ``mvit_det.models.ARCHS``).
         out_features: subset of ``("scale2", "scale3", "scale4", "scale5")``.
         drop_path_rate: stochastic depth. ``None`` takes the value of detectron2's MViTv2 recipe for this
-            size (``ARCHS[size].det_drop_path_rate``: T/S 0.2, B 0.4, L 0.5, H 0.6).
+            size (``DET_DROP_PATH``: T/S 0.2, B 0.4, L 0.5, H 0.6).
         act_checkpoint: recompute every block in the backward pass (``torch.utils.checkpoint``; trades
             compute for memory, used for H).
         pretrain_img_size: ImageNet resolution of the checkpoint; sizes the rel-pos tables, which are
@@ -69,7 +79,7 @@ class MViTv2Backbone(MViTv2, Backbone):
             out_features=out_features,
             in_chans=in_chans,
             pretrain_img_size=pretrain_img_size,
-            drop_path_rate=arch.det_drop_path_rate if drop_path_rate is None else drop_path_rate,
+            drop_path_rate=det_drop_path(size) if drop_path_rate is None else drop_path_rate,
             act_checkpoint=act_checkpoint,
         )
         channels = dict(zip(STAGE_NAMES, self.stage_channels))

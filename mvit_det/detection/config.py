@@ -54,7 +54,7 @@ def add_mvitv2_config(cfg: CN) -> CN:
             from ``mvit_det.models.ARCHS``.
         OUT_FEATURES: trunk outputs, a subset of scale2..scale5 (strides 4..32).
         DROP_PATH_RATE: stochastic depth; None takes the recipe value of the size (T/S 0.2, B 0.4, L 0.5,
-            H 0.6, stored in ``ARCHS[size].det_drop_path_rate``).
+            H 0.6, stored in ``backbone.DET_DROP_PATH``).
         ACT_CHECKPOINT: recompute blocks in the backward pass (``torch.utils.checkpoint``).
         PRETRAIN_IMG_SIZE: ImageNet resolution of the initial checkpoint (sizes the rel-pos tables).
     ``SOLVER.OPTIMIZER`` ("SGD" or "AdamW") and ``SOLVER.BETAS``: read by :func:`build_optimizer`.

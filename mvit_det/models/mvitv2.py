@@ -19,7 +19,7 @@ passed as an additive mask, which is mathematically identical to the reference
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -60,8 +60,6 @@ class MViTv2Arch:
     embed_dim: int
     depths: tuple[int, int, int, int]
     num_heads: int
-    #: stochastic depth used by the detectron2 MViTv2 recipes for this size
-    det_drop_path_rate: float = field(default=0.2, compare=False)
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -86,11 +84,11 @@ class MViTv2Arch:
 
 
 ARCHS: dict[str, MViTv2Arch] = {
-    "tiny": MViTv2Arch(96, (1, 2, 5, 2), 1, det_drop_path_rate=0.2),
-    "small": MViTv2Arch(96, (1, 2, 11, 2), 1, det_drop_path_rate=0.2),
-    "base": MViTv2Arch(96, (2, 3, 16, 3), 1, det_drop_path_rate=0.4),
-    "large": MViTv2Arch(144, (2, 6, 36, 4), 2, det_drop_path_rate=0.5),
-    "huge": MViTv2Arch(192, (4, 8, 60, 8), 3, det_drop_path_rate=0.6),
+    "tiny": MViTv2Arch(96, (1, 2, 5, 2), 1),
+    "small": MViTv2Arch(96, (1, 2, 11, 2), 1),
+    "base": MViTv2Arch(96, (2, 3, 16, 3), 1),
+    "large": MViTv2Arch(144, (2, 6, 36, 4), 2),
+    "huge": MViTv2Arch(192, (4, 8, 60, 8), 3),
 }
 _ALIASES = {"t": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge"}
 

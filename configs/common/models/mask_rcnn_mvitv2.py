@@ -18,7 +18,7 @@ model.input_format = "RGB"
 
 model.backbone.bottom_up = L(MViTv2Backbone)(
     size="tiny",
-    # None: the detectron2 recipe value for the size (mvit_det.models.ARCHS[size].det_drop_path_rate).
+    # None: the detectron2 recipe value for the size (mvit_det.detection.backbone.DET_DROP_PATH).
     drop_path_rate=None,
     act_checkpoint=False,
     out_features=("scale2", "scale3", "scale4", "scale5"),
