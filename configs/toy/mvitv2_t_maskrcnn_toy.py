@@ -22,7 +22,7 @@ Measured with ``tools/main_job.py`` on a 2-vCPU AMD EPYC (Zen 4) capped to AVX2,
 job): 923 s wall, 576 s CPU; box AP 12.7, mask AP 16.1 (the previous recipe: 4.1-12.2 box AP in 1172 s on a Zen 3).
 Not yet the box AP of 30 that issue 11 asks for: the box classifier is still near chance between the shapes. Variants
 with the same command: LR 4e-4 12.1, LR 8e-4 diverged, GroupNorm in FPN and mask head 13.2, RoI pooler
-``canonical_box_size=56`` 12.0.
+``canonical_box_size=56`` 12.0, batch 1 for 800 iterations 11.0.
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
