@@ -172,6 +172,28 @@ def test_classify_tool_skips_and_reports(odd_images, classifier, tmp_path, capsy
         assert top == inference_model(classifier, files[name][0])["pred_label"], name
 
 
+def test_decompression_bomb_and_extreme_strip_in_a_batch(classifier, tmp_path, capsys):
+    """A 48 KB-class PNG of 20000x20000 is reported and skipped; a 1x100000 strip is classified with bounded work."""
+    Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png", optimize=True)
+    Image.fromarray(np.full((1, 100_000, 3), 200, np.uint8)).save(tmp_path / "strip.png")
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "ok.png")
+    with pytest.raises(ImageReadError, match=r"bomb\.png: Image size \(400000000 pixels\) exceeds limit .*MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "bomb.png")
+    # The eval transform resizes only the band its centre crop keeps: at most 8 x 256 pixels long, not 25.6 M.
+    from mvit_det.classification.transforms import EvalTransform
+
+    t = EvalTransform()
+    assert max(t.resize(load_image(tmp_path / "strip.png")).size) <= t.MAX_ASPECT * t.resize_size
+    weights = save_checkpoint(classifier, tmp_path / "t.pth")
+    from tools import classify as tool
+
+    files = [tmp_path / "bomb.png", tmp_path / "strip.png", tmp_path / "ok.png"]
+    code = tool.main([*map(str, files), "--weights", str(weights), "--topk", "1", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "could be decompression bomb" in err and "1 of 3 images could not be read." in err
+    assert str(tmp_path / "strip.png") in out and str(tmp_path / "ok.png") in out
+
+
 def test_cls_eval_skips_and_lists_unreadable_files(odd_images, classifier, tmp_path, capsys):
     root = tmp_path / "val"
     for i, name in enumerate(["grey", "rgba", "palette", "16-bit", "cmyk", "exif", "1x1", "strip-10000x200"]):
@@ -244,9 +266,13 @@ def test_detection_predictor_extreme_aspect_ratio(predictor, detection_weights):
 
     yacs = build_predictor(str(REPO / "configs" / "yacs" / "mvitv2_t_maskrcnn_toy.yaml"), weights=detection_weights,
                            device="cpu")  # fmt: skip
+    from detectron2.config import LazyConfig
+
+    (resize,) = LazyConfig.load(str(REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py")).dataloader.test.mapper.augmentations
+    short, long = resize.short_edge_length, resize.max_size  # the toy recipe's test resize (yacs twin: the same)
     for p in (predictor, yacs):
         with pytest.raises(ValueError, match=r"^Cannot run the detector on an image of 1x10000 pixels: with the test "
-                                             r"resize \(short side 144, long side at most 320\) its shorter side would be "
+                                             rf"resize \(short side {short}, long side at most {long}\) its shorter side would be "
                                              r"resized to 0 pixels\. Crop it, or cut it into tiles, to an aspect ratio of "
                                              r"at most 640:1\.$"):  # fmt: skip
             p(np.zeros((1, 10000, 3), np.uint8))

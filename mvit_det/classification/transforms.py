@@ -43,6 +43,9 @@ class EvalTransform:
         mean, std: per-channel RGB normalisation in 0..255 units (default: ImageNet's).
     """
 
+    #: longest side kept before resizing, in multiples of ``resize_size`` (see ``resize``)
+    MAX_ASPECT = 8
+
     def __init__(self, resize_size: int = RESIZE_SIZE, crop_size: int = CROP_SIZE, mean=None, std=None):
         if crop_size > resize_size:
             raise ValueError(f"crop_size ({crop_size}) cannot exceed resize_size ({resize_size}).")
@@ -55,12 +58,27 @@ class EvalTransform:
         self.std = torch.tensor(self.std_rgb, dtype=torch.float32).view(3, 1, 1)
 
     def resize(self, image: Image.Image) -> Image.Image:
-        """Short side to ``resize_size``, long side ``int(resize_size * long / short)``, bicubic."""
+        """Short side to ``resize_size``, long side ``int(resize_size * long / short)``, bicubic.
+
+        A very elongated image (long side past ``MAX_ASPECT`` x ``resize_size`` after resizing) keeps only its
+        central band of that length first: the centre crop never sees the rest, and a 1 x 100000 strip would
+        otherwise be resized to 256 x 25600000 pixels (work and memory bounded whatever the aspect ratio).
+        """
         w, h = image.size
         if w < h:
             size = (self.resize_size, int(self.resize_size * h / w))
         else:
             size = (int(self.resize_size * w / h), self.resize_size)
+        limit = self.MAX_ASPECT * self.resize_size
+        if max(size) > limit:
+            scale = self.resize_size / min(w, h)
+            keep = max(1, round(limit / scale))  # source pixels along the long side
+            if w < h:
+                top = (h - keep) // 2
+                image, size = image.crop((0, top, w, top + keep)), (self.resize_size, limit)
+            else:
+                left = (w - keep) // 2
+                image, size = image.crop((left, 0, left + keep, h)), (limit, self.resize_size)
         return image.resize(size, Image.Resampling.BICUBIC)
 
     def center_crop(self, image: Image.Image) -> Image.Image:

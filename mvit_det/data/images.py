@@ -109,6 +109,10 @@ def _read_file(path: Path) -> Image.Image:
         raise ImageReadError(
             f"Cannot read image {path}: not a recognised image format (Pillow cannot identify it)."
         ) from None
+    except Image.DecompressionBombError as e:  # raised by Image.open from the header alone
+        raise ImageReadError(
+            f"Cannot read image {path}: {e} Raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file."
+        ) from None
     except PermissionError as e:
         raise ImageReadError(f"Cannot read image {path}: permission denied ({e.strerror}).") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # a header cut short fails in Image.open already
