@@ -16,10 +16,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointInfo, load_checkpoint
 from .checkpoint.described import attach_description, get_description
 from .checkpoint.io import download, is_url, load_file
-from .models import ARCHS, MViTv2, get_card, list_models
+from .models import ARCHS, MODEL_CARDS, MViTv2, get_card, list_models
 from .utils.hints import did_you_mean
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "build_classifier",
     "get_model",
     "load_model_config",
+    "model_for_checkpoint",
     "model_num_classes",
 ]
 
@@ -171,3 +172,22 @@ def build_classifier(model_spec: str, checkpoint: Union[str, Path]) -> MViTv2:
     model = MViTv2(**_config_or_error(model_spec))
     load_checkpoint(model, str(checkpoint), strict=True)
     return model.eval()
+
+
+def model_for_checkpoint(arch: str, info: CheckpointInfo) -> MViTv2:
+    """The model ``arch`` (a name from ``list_models()`` or a size such as ``"T"``) that a checkpoint described by
+    ``info`` should fill: a detection trunk for a trunk checkpoint; for a bare size, the class token, widening mode
+    and classes come from the checkpoint (``tools/convert_checkpoint.py --arch``)."""
+    if arch in MODEL_CARDS:
+        if info.detection or info.num_classes is None:
+            card = MODEL_CARDS[arch]
+            return MViTv2(card.arch, detection=True)
+        return get_model(arch)
+    if info.detection or info.num_classes is None:
+        return MViTv2(arch, detection=True)
+    return MViTv2(
+        arch,
+        num_classes=info.num_classes,
+        expand_attn=info.expand_attn if info.expand_attn is not None else True,
+        cls_token=info.cls_token,
+    )

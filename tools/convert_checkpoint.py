@@ -19,25 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mvit_det.checkpoint import describe_state_dict, load_checkpoint, read_checkpoint, save_checkpoint
-from mvit_det.hub import get_model
-from mvit_det.models import MODEL_CARDS, MViTv2
-
-
-def build_for_check(arch: str, info) -> MViTv2:
-    """The model ``--arch`` names; a bare size takes class token, widening mode and classes from the checkpoint."""
-    if arch in MODEL_CARDS:
-        if info.detection or info.num_classes is None:
-            card = MODEL_CARDS[arch]
-            return MViTv2(card.arch, detection=True)
-        return get_model(arch)
-    if info.detection or info.num_classes is None:
-        return MViTv2(arch, detection=True)
-    return MViTv2(
-        arch,
-        num_classes=info.num_classes,
-        expand_attn=info.expand_attn if info.expand_attn is not None else True,
-        cls_token=info.cls_token,
-    )
+from mvit_det.hub import model_for_checkpoint
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -63,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"kind:        {kind}")
 
     if args.arch:
-        model = build_for_check(args.arch, info)
+        model = model_for_checkpoint(args.arch, info)
         report = load_checkpoint(model, state_dict, strict=True)
         print(f"check:       all {len(report.loaded)} weights load strictly into --arch {args.arch}")
 
