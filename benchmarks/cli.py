@@ -38,7 +38,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mvit_det.utils.atomic import atomic_open
-from mvit_det.utils.cli import parse_img_size
+from mvit_det.utils.cli import non_negative_int, parse_img_size, positive_int
 
 from .report import report_markdown, run_report
 from .runner import memory_probe
@@ -48,20 +48,6 @@ from .settings import ARCH_NAMES, DEFAULT_BATCH, DEFAULT_SIZE, DTYPES, SCALING_S
 # =============================================================================================
 # Command line
 # =============================================================================================
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     summary, details = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(
@@ -69,15 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=TASKS, default="cls")
     p.add_argument("--arch", choices=list(ARCH_NAMES), default="T", help="model size (cls: T/S/B/L)")
-    p.add_argument("--batch-size", type=_positive, help="images per step (default: cls 8, det-train 2, else 1)")
+    p.add_argument("--batch-size", type=positive_int, help="images per step (default: cls 8, det-train 2, else 1)")
     p.add_argument("--img-size", type=parse_img_size,
                    help="SIDE or HxW (default: cls 224, det-backbone/det-train 1024, det-model 800x1088)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast precision (weights stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (det tasks: the trunk)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=_positive, help="torch.set_num_threads (default 2 on CPU; unchanged on CUDA)")
-    p.add_argument("--warmup", type=_non_negative, default=2, help="untimed rounds per model")
-    p.add_argument("--iters", type=_positive, default=10, help="timed rounds per model")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default 2 on CPU; unchanged on CUDA)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds per model")
+    p.add_argument("--iters", type=positive_int, default=10, help="timed rounds per model")
     p.add_argument("--act-checkpoint", action="store_true",
                    help="det-train: also run the activation-checkpointed variants and compare memory and time")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",

@@ -202,7 +202,7 @@ def test_reference_unavailable_names_install_command():
         (["--task", "cls", "--arch", "H"], "error: --task cls supports --arch T/S/B/L"),
         (["--task", "det-model", "--opts", "model.roi_heads.num_classes=="], "do not apply to mvitv2_t_maskrcnn.py"),
         (["--task", "cls", "--opts", "model.x=1"], "--opts applies to --task det-model and det-train only."),
-        (["--iters", "0"], "expected a positive integer, got 0"),
+        (["--iters", "0"], "argument --iters: must be >= 1, got 0"),
     ],
 )
 def test_cli_errors(argv, message, capsys):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from mvit_det.checkpoint.described import read_description
 from mvit_det.classification.described import described_eval_dataset
+from mvit_det.utils.cli import non_negative_int, positive_int
 from mvit_det.utils.dist import is_distributed
 from mvit_det.classification.datasets import LAYOUTS, DatasetError, build_eval_dataset, limit_dataset
 from mvit_det.classification.evaluate import AMP_DTYPES, EvalJob, run_job, spawn_job
@@ -72,38 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation folder (ImageFolder, or images + label file)")
     p.add_argument("--labels", metavar="FILE",
                    help="label file of '<image path> <label>' lines (default: looked for next to --data)")
-    p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass and process (default 64)")
-    p.add_argument("--workers", type=_non_negative, default=4,
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass and process (default 64)")
+    p.add_argument("--workers", type=non_negative_int, default=4,
                    help="DataLoader worker processes per process (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES),
                    help="autocast precision (default: float32); bf16 is the fast CPU path")
-    p.add_argument("--limit", type=_positive, metavar="N",
+    p.add_argument("--limit", type=positive_int, metavar="N",
                    help="evaluate only N images, spread evenly over the data (quick check)")
-    p.add_argument("--num-procs", type=_positive, default=1, metavar="N",
+    p.add_argument("--num-procs", type=positive_int, default=1, metavar="N",
                    help="spawn N local CPU processes (no torchrun needed)")
     p.add_argument("--out", metavar="FILE", help="write the result as JSON")
     p.add_argument("--predictions", metavar="FILE",
                    help="write per-image top-5 labels as CSV (path, label, top1..top5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 class UsageError(ValueError):
