@@ -18,7 +18,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 
 from mvit_det import get_model  # noqa: E402
-from mvit_det.checkpoint import load_checkpoint  # noqa: E402
+from mvit_det.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from mvit_det.detection import MViTv2Checkpointer  # noqa: E402
 from mvit_det.models import MViTv2  # noqa: E402
 
@@ -178,7 +178,11 @@ def test_imagenet_checkpoint_is_refused_for_inference(detector, pyth):
     msg = str(err.value)
     assert f"Checkpoint {pyth} does not provide every weight of this model" in msg
     assert "Likely cause: it is an ImageNet classification checkpoint (official format), which holds only the backbone" in msg
-    assert "Not in the checkpoint (50): backbone.bottom_up.scale2_norm.bias, backbone.bottom_up.scale2_norm.weight," in msg
+    # Every detector weight outside the ImageNet trunk (the detection norms, FPN, RPN and RoI heads) is named.
+    provided = {"backbone.bottom_up." + k for k in read_checkpoint(pyth)[0]}
+    missing = [k for k in detector.state_dict() if k not in provided]
+    assert (f"Not in the checkpoint ({len(missing)}): backbone.bottom_up.scale2_norm.bias, "
+            "backbone.bottom_up.scale2_norm.weight,") in msg
 
 
 def _with_classes(sd: dict, n: int) -> dict:
