@@ -50,35 +50,31 @@ def native_bf16() -> bool:
     return onednn_linear_ok(torch.bfloat16)
 
 
-def _cpu_model() -> str:
+def _proc_cpuinfo() -> dict[str, str]:
+    """The fields of /proc/cpuinfo, each as it first appears (empty where there is none, as on macOS)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_model(proc: dict[str, str]) -> str:
+    return proc.get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_info() -> dict:
     """The CPU as the numbers should be read: model, vector ISA that torch uses, native bf16 or not."""
-    flags = _cpu_flags()
+    proc = _proc_cpuinfo()
+    flags = set(proc.get("flags", "").split())
     hw_isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
     capability = torch.backends.cpu.get_cpu_capability()
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": _cpu_model(proc),
         "cpu_isa": hw_isa,
         "torch_cpu_capability": capability,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
@@ -118,7 +114,7 @@ def log_bf16_fallback(path: str) -> None:
         logger.warning(
             "bfloat16 was requested, but this CPU has no native bf16 kernels (%s, torch capability %s): "
             "%s (faster than emulated bf16 here).",
-            _cpu_model(), torch.backends.cpu.get_cpu_capability(), path,
+            _cpu_model(_proc_cpuinfo()), torch.backends.cpu.get_cpu_capability(), path,
         )
 
 
