@@ -13,9 +13,7 @@ One network serves two purposes:
 Parameter names follow the official / detectron2 layout (``blocks.{i}.attn.qkv`` and so on) so that
 both families of checkpoints map onto this module one-to-one.
 
-Attention runs through ``F.scaled_dot_product_attention``; the decomposed relative-position term is
-passed as an additive mask, which is mathematically identical to the reference
-``softmax(q k^T * scale + rel)`` formulation.
+The blocks (pooling attention and the block around it) are in ``blocks``, the generic layers in ``layers``.
 """
 from __future__ import annotations
 
@@ -23,12 +21,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .fastpath import _onednn_dtype, attention, bf16_as_fp32, cast_weight, linear
-from .layers import PATCH_STRIDE, DropPath, Mlp, PatchEmbed, rel_pos_bias, window_partition, window_unpartition
+# PoolingAttention and attention are re-exported: they were importable from here before the blocks moved out.
+from .blocks import BlockSpec, MultiScaleBlock, PoolingAttention  # noqa: F401
+from .fastpath import attention, bf16_as_fp32  # noqa: F401
+from .layers import PATCH_STRIDE, PatchEmbed
 
 __all__ = [
     "ARCHS",
@@ -41,7 +40,6 @@ STAGE_NAMES = ("scale2", "scale3", "scale4", "scale5")
 STAGE_STRIDES = (4, 8, 16, 32)  # of STAGE_NAMES, in input pixels
 #: kv pooling stride of stage 1 and window side (pre-pooling tokens) of stage 1 in detection mode
 KV_STRIDE, WINDOW_SIZE = 4, 56
-MLP_RATIO = 4
 #: parameters kept out of weight decay by every published recipe (besides norms and biases)
 NO_WEIGHT_DECAY = ("rel_pos_h", "rel_pos_w", "cls_token")
 
@@ -107,24 +105,6 @@ def get_arch(name: str | MViTv2Arch) -> MViTv2Arch:
     return ARCHS[key]
 
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """Geometry of one block, derived from the size and the mode (see ``block_specs``)."""
-
-    dim: int
-    dim_out: int
-    num_heads: int
-    stride_q: int
-    stride_kv: int
-    expand_attn: bool
-    window_size: int  # 0: global attention; else window side in pre-pooling tokens
-    rel_pos_grid: int  # token-grid side that sizes the rel-pos tables (the pre-training grid)
-
-    @property
-    def attn_dim(self) -> int:
-        return self.dim_out if self.expand_attn else self.dim
-
-
 def block_specs(
     arch: MViTv2Arch,
     *,
@@ -178,161 +158,6 @@ def block_specs(
                 window //= 2
             i += 1
     return specs
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------
-class PoolingAttention(nn.Module):
-    """Multi-head pooling attention with decomposed relative position and residual pooling.
-
-    q, k and v are pooled by a depthwise 3x3 conv (shared by all heads) and LayerNorm-ed; q with
-    ``stride_q`` (the block's output resolution), k and v with ``stride_kv``. With ``window_size`` > 0,
-    attention is computed inside non-overlapping windows of the pooled maps (detection mode).
-
-    Tokens stay in (B, N, heads, c) memory throughout: q/k/v come out of their own projections
-    contiguous, pooling runs channels-last over all heads at once, and SDPA both accepts and returns that
-    layout, so no transposing copies are needed.
-
-    forward: (B, [1 +] H*W, dim) and (H, W) -> (B, [1 +] H'*W', dim_out) and (H', W').
-    """
-
-    def __init__(self, spec: BlockSpec, has_cls_token: bool, eps: float):
-        super().__init__()
-        dim_out = spec.attn_dim
-        self.num_heads = spec.num_heads
-        self.head_dim = dim_out // spec.num_heads
-        self.has_cls_token = has_cls_token
-        self.qkv = nn.Linear(spec.dim, 3 * dim_out)
-        self.proj = nn.Linear(dim_out, dim_out)
-
-        c = self.head_dim
-        self.pool_q = nn.Conv2d(c, c, 3, stride=spec.stride_q, padding=1, groups=c, bias=False)
-        self.pool_k = nn.Conv2d(c, c, 3, stride=spec.stride_kv, padding=1, groups=c, bias=False)
-        self.pool_v = nn.Conv2d(c, c, 3, stride=spec.stride_kv, padding=1, groups=c, bias=False)
-        self.norm_q = nn.LayerNorm(c, eps=eps)
-        self.norm_k = nn.LayerNorm(c, eps=eps)
-        self.norm_v = nn.LayerNorm(c, eps=eps)
-
-        grid = spec.rel_pos_grid
-        length = 2 * max(grid // spec.stride_q, grid // spec.stride_kv) - 1
-        self.rel_pos_h = nn.Parameter(torch.zeros(length, c))
-        self.rel_pos_w = nn.Parameter(torch.zeros(length, c))
-
-        self.window_size = spec.window_size
-        self.q_window = spec.window_size // spec.stride_q
-        self.kv_window = spec.window_size // spec.stride_kv
-
-    def _pool(self, x: Tensor, hw: tuple[int, int], pool: nn.Conv2d, norm: nn.LayerNorm) -> tuple[Tensor, tuple[int, int]]:
-        """(B, [1 +] H*W, heads*c) -> (B, [1 +] H'*W', heads, c): depthwise conv per head, then LN."""
-        b, _, hc = x.shape
-        t = 1 if self.has_cls_token else 0
-        sp = x[:, t:].reshape(b, hw[0], hw[1], hc).permute(0, 3, 1, 2)  # channels-last view
-        # The kernel is shared by the heads; repeating it lets one grouped conv cover all of them.
-        weight = pool.weight.repeat(self.num_heads, 1, 1, 1)
-        sp = F.conv2d(sp, weight, None, pool.stride, pool.padding, groups=hc)
-        out_hw = (sp.shape[2], sp.shape[3])
-        sp = sp.permute(0, 2, 3, 1).reshape(b, -1, hc)
-        if t:
-            sp = torch.cat((x[:, :1], sp), dim=1)
-        return norm(sp.view(b, sp.shape[1], self.num_heads, self.head_dim)), out_hw
-
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        b = x.shape[0]
-        dtype = _onednn_dtype(x, self.qkv.weight)
-        # cast once before chunking, not per chunk view
-        weight, bias = cast_weight(self.qkv.weight, dtype), cast_weight(self.qkv.bias, dtype)
-        w_q, w_k, w_v = weight.chunk(3)
-        b_q, b_k, b_v = bias.chunk(3)
-        q, q_hw = self._pool(linear(x, w_q, b_q), hw, self.pool_q, self.norm_q)
-        k, kv_hw = self._pool(linear(x, w_k, b_k), hw, self.pool_k, self.norm_k)
-        v, _ = self._pool(linear(x, w_v, b_v), hw, self.pool_v, self.norm_v)
-        # q, k, v: (B, [1 +] N, heads, c)
-
-        if self.window_size:
-            out = self._window_attention(q, k, v, q_hw, kv_hw)
-        else:
-            out = self._global_attention(q, k, v, q_hw, kv_hw)
-
-        # Residual pooling; the class token is left out, as in the official code since 2022-08.
-        if self.has_cls_token:
-            out = torch.cat((out[:, :1], out[:, 1:] + q[:, 1:]), dim=1)
-        else:
-            out = out + q
-        out = out.reshape(b, -1, self.num_heads * self.head_dim)
-        return linear(out, self.proj.weight, self.proj.bias), q_hw
-
-    def _global_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
-        """(B, [1 +] N, heads, c) each -> (B, [1 +] Nq, heads, c)."""
-        t = 1 if self.has_cls_token else 0
-        bias = rel_pos_bias(q[:, t:], q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
-        if t:  # no positional bias to or from the class token
-            bias = F.pad(bias, (1, 0, 1, 0))
-        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
-
-    def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
-        """(B, N, heads, c) each -> (B, Nq, heads, c), attending within windows."""
-        b, _, h, c = q.shape
-        qw, kvw = self.q_window, self.kv_window
-        q_win, q_pad_hw = window_partition(q.reshape(b, q_hw[0], q_hw[1], h * c), qw)
-        k_win, _ = window_partition(k.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
-        v_win, _ = window_partition(v.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
-        q_win, k_win, v_win = (t.view(t.shape[0], t.shape[1], h, c) for t in (q_win, k_win, v_win))
-        bias = rel_pos_bias(q_win, (qw, qw), (kvw, kvw), self.rel_pos_h, self.rel_pos_w)
-        out = attention(q_win.transpose(1, 2), k_win.transpose(1, 2), v_win.transpose(1, 2), bias)
-        out = out.transpose(1, 2).reshape(out.shape[0], -1, h * c)
-        out = window_unpartition(out, qw, q_pad_hw, q_hw)
-        return out.reshape(b, q_hw[0] * q_hw[1], h, c)
-
-
-class MultiScaleBlock(nn.Module):
-    """Pre-norm transformer block: pooling attention and an MLP, each with a (pooled) shortcut.
-
-    When the width changes, the shortcut is a Linear on the *normalised* input (official behaviour),
-    placed on the attention branch (``expand_attn``) or on the MLP branch.
-
-    forward: (B, [1 +] H*W, dim) and (H, W) -> (B, [1 +] H'*W', dim_out) and (H', W').
-    """
-
-    def __init__(self, spec: BlockSpec, has_cls_token: bool, drop_path: float, eps: float):
-        super().__init__()
-        attn_dim = spec.attn_dim
-        self.has_cls_token = has_cls_token
-        self.expand_attn = spec.expand_attn
-        self.norm1 = nn.LayerNorm(spec.dim, eps=eps)
-        self.attn = PoolingAttention(spec, has_cls_token, eps)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(attn_dim, eps=eps)
-        self.mlp = Mlp(attn_dim, attn_dim * MLP_RATIO, spec.dim_out)
-        self.proj = nn.Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
-        s = spec.stride_q
-        self.pool_skip = nn.MaxPool2d(s + 1, s, (s + 1) // 2) if s > 1 else None
-
-    def _shortcut(self, x: Tensor, x_norm: Tensor, branch_widens: bool) -> Tensor:
-        """The input itself, or a projection of its normalised form on the branch that widens."""
-        if self.proj is None or not branch_widens:
-            return x
-        return linear(x_norm, self.proj.weight, self.proj.bias)
-
-    def _pool_shortcut(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        if self.pool_skip is None:
-            return x
-        t = 1 if self.has_cls_token else 0
-        cls_tok, x = x[:, :t], x[:, t:]
-        b, _, c = x.shape
-        x = self.pool_skip(x.reshape(b, hw[0], hw[1], c).permute(0, 3, 1, 2))
-        x = x.permute(0, 2, 3, 1).reshape(b, -1, c)
-        return torch.cat((cls_tok, x), dim=1) if cls_tok.shape[1] else x
-
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        x_norm = self.norm1(x)
-        attn_out, out_hw = self.attn(x_norm, hw)
-        shortcut = self._shortcut(x, x_norm, branch_widens=self.expand_attn)
-        x = self._pool_shortcut(shortcut, hw) + self.drop_path(attn_out)
-
-        x_norm = self.norm2(x)
-        shortcut = self._shortcut(x, x_norm, branch_widens=not self.expand_attn)
-        return shortcut + self.drop_path(self.mlp(x_norm)), out_hw
 
 
 # --------------------------------------------------------------------------------------------
