@@ -33,7 +33,16 @@ from ..utils.hints import did_you_mean
 from .predictor import LazyPredictor
 from .run_config import load_config
 
-__all__ = ["DetectorCard", "DETECTORS", "list_detectors", "get_detector_card", "get_detector", "class_names"]
+__all__ = [
+    "COUNTED_GFLOPS",
+    "DETECTORS",
+    "PUBLISHED_GFLOPS",
+    "DetectorCard",
+    "class_names",
+    "get_detector",
+    "get_detector_card",
+    "list_detectors",
+]
 
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/"
 #: ``configs/`` of this repository (the detector configs are not inside the package).
@@ -83,6 +92,16 @@ class DetectorCard:
     def classes(self) -> list[str]:
         return class_names(self.dataset)
 
+    @property
+    def published_gflops(self) -> Optional[float]:
+        """detectron2's README figure (projects/MViTv2 only; the ViTDet README publishes none)."""
+        return PUBLISHED_GFLOPS.get(self.name)
+
+    @property
+    def counted_gflops(self) -> Optional[tuple[float, float]]:
+        """Counted here (see ``COUNTED_GFLOPS``): (no detection, 100 detections)."""
+        return COUNTED_GFLOPS.get(self.name)
+
 
 def _mvitv2(name, config, path, method, pretrain, epochs, box, mask):
     return DetectorCard(name, config, _D2 + "MViTv2/" + path, "COCO", "MViTv2", method, pretrain, epochs, box, mask,
@@ -127,6 +146,27 @@ DETECTORS: dict[str, DetectorCard] = {
         _vitdet("LVIS v1", "l", 50, "LVIS/cascade_mask_rcnn_mvitv2_l_in21k/329661552/model_final_7838a5.pkl", 49.4, 44.2),
         _vitdet("LVIS v1", "h", 50, "LVIS/cascade_mask_rcnn_mvitv2_h_in21k/330445165/model_final_ad4220.pkl", 49.5, 44.1),
     ]  # fmt: skip
+}
+
+
+#: detectron2's projects/MViTv2 README, "FLOPS" column.
+PUBLISHED_GFLOPS: dict[str, float] = {
+    "mask_rcnn_mvitv2_t_3x": 279, "cascade_mask_rcnn_mvitv2_t_3x": 701, "cascade_mask_rcnn_mvitv2_s_3x": 748,
+    "cascade_mask_rcnn_mvitv2_b_3x": 814, "cascade_mask_rcnn_mvitv2_b_in21k_3x": 814,
+    "cascade_mask_rcnn_mvitv2_l_in21k_lsj_50ep": 1519, "cascade_mask_rcnn_mvitv2_h_in21k_lsj_3x": 3084,
+}  # fmt: skip
+#: GFLOPs counted by ``python tools/analyze_model.py --zoo`` (detectron2's ``FlopCountAnalysis``, plain fvcore, one
+#: multiply-accumulate = one FLOP) on the zoo's input (``mvit_det.detection.analysis.ZOO_INPUTS``: a 640x427
+#: photograph, 800x1199 after the configs' test resize), random weights: (no detection, 100 detections). The
+#: mask head runs once per detection, so a trained model on COCO lies in between; see the README.
+COUNTED_GFLOPS: dict[str, tuple[float, float]] = {
+    "mask_rcnn_mvitv2_t_3x": (214.9, 267.9),
+    "cascade_mask_rcnn_mvitv2_t_3x": (634.3, 687.3),
+    "cascade_mask_rcnn_mvitv2_s_3x": (679.7, 732.7),
+    "cascade_mask_rcnn_mvitv2_b_3x": (742.6, 795.6),
+    "cascade_mask_rcnn_mvitv2_b_in21k_3x": (742.6, 795.6),
+    "cascade_mask_rcnn_mvitv2_l_in21k_lsj_50ep": (1372.0, 1425.1),
+    "cascade_mask_rcnn_mvitv2_h_in21k_lsj_3x": (2905.1, 2958.1),
 }
 
 
