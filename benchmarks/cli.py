@@ -15,8 +15,8 @@ Tasks:
                 batch 2 at 1024x1024; ``--act-checkpoint`` adds activation-checkpointed variants.
 
 Examples:
-  python tools/benchmark.py --task cls --arch T --batch-size 8
-  python tools/benchmark.py --task cls --arch B --dtype bf16 --compile
+  python tools/benchmark.py --task cls --size T --batch-size 8
+  python tools/benchmark.py --task cls --size B --dtype bf16 --compile
   python tools/benchmark.py --task det-model --iters 5
   python tools/benchmark.py --task det-train --act-checkpoint --iters 3 --warmup 1
   python tools/benchmark.py --scaling --out-md scaling.md        # the README's resolution table
@@ -38,11 +38,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mvit_det.utils.atomic import atomic_open
-from mvit_det.utils.cli import non_negative_int, parse_img_size, positive_int
+from mvit_det.utils.cli import add_deprecated_alias, non_negative_int, parse_img_size, positive_int
 
 from .report import report_markdown, run_report
 from .runner import memory_probe
-from .settings import ARCH_NAMES, DEFAULT_BATCH, DEFAULT_SIZE, DTYPES, SCALING_SIZES, TASKS, Settings
+from .settings import DEFAULT_BATCH, DEFAULT_SIZE, DTYPES, SCALING_SIZES, SIZE_NAMES, TASKS, Settings
 
 
 # =============================================================================================
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--task", choices=TASKS, default="cls")
-    p.add_argument("--arch", choices=list(ARCH_NAMES), default="T", help="model size (cls: T/S/B/L)")
+    p.add_argument("--size", choices=list(SIZE_NAMES), default="T", help="model size (cls: T/S/B/L)")
+    add_deprecated_alias(p, "--arch", "--size", choices=list(SIZE_NAMES))
     p.add_argument("--batch-size", type=positive_int, help="images per step (default: cls 8, det-train 2, else 1)")
     p.add_argument("--img-size", type=parse_img_size,
                    help="SIDE or HxW (default: cls 224, det-backbone/det-train 1024, det-model 800x1088)")
@@ -91,7 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Settings]:
     if args.opts and (args.task not in ("det-model", "det-train") or args.scaling):
         raise SystemExit("error: --opts applies to --task det-model and det-train only.")
     threads = args.threads if args.threads else (2 if args.device == "cpu" else None)
-    common = dict(arch=args.arch, dtype=args.dtype, compile=args.compile, device=args.device, threads=threads,
+    common = dict(size=args.size, dtype=args.dtype, compile=args.compile, device=args.device, threads=threads,
                   warmup=args.warmup, iters=args.iters)
     if args.scaling:
         batch = args.batch_size or 1

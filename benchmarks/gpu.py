@@ -23,17 +23,17 @@ from mvit_det.utils.atomic import atomic_open
 from .report import report_markdown, run_report
 from .settings import Settings
 
-#: (task, arch, batch, size, dtype, compile) per row; fp32 means TF32 on a GPU.
+#: (task, model size, batch, input size, dtype, compile) per row; fp32 means TF32 on a GPU.
 ROWS: tuple[tuple[str, str, int, tuple[int, int], str, bool], ...] = (
     *(
         row
-        for arch in ("T", "B")
+        for size in ("T", "B")
         for row in (
-            ("cls", arch, 256, (224, 224), "bf16", True),
-            ("cls", arch, 256, (224, 224), "bf16", False),
-            ("cls", arch, 256, (224, 224), "fp16", False),
-            ("cls", arch, 256, (224, 224), "fp32", False),
-            ("cls", arch, 64, (224, 224), "bf16", False),
+            ("cls", size, 256, (224, 224), "bf16", True),
+            ("cls", size, 256, (224, 224), "bf16", False),
+            ("cls", size, 256, (224, 224), "fp16", False),
+            ("cls", size, 256, (224, 224), "fp32", False),
+            ("cls", size, 64, (224, 224), "bf16", False),
         )
     ),
     ("det-backbone", "T", 8, (1024, 1024), "bf16", True),
@@ -53,8 +53,8 @@ DETECTOR_HEADS = (  # whole-detector rows: the configs' own head sizes on a GPU;
 
 def plan(dry_run: bool, iters: int, warmup: int) -> list[Settings]:
     out = []
-    for task, arch, batch, size, dtype, compiled in ROWS:
-        s = Settings(task=task, arch=arch, batch_size=batch, img_size=size, dtype=dtype, compile=compiled,
+    for task, size, batch, img_size, dtype, compiled in ROWS:
+        s = Settings(task=task, size=size, batch_size=batch, img_size=img_size, dtype=dtype, compile=compiled,
                      device="cuda", threads=None, warmup=warmup, iters=iters)
         if dry_run:
             s = replace(s, device="cpu", threads=2, batch_size=min(batch, 2), img_size=DRY_SIZE[task], warmup=0,

@@ -97,7 +97,7 @@ def scaling_markdown(runs: list[dict[str, Any]]) -> str:
         mode = "torch.compile" if s0["compile"] else "eager"
         where = f"cpu, {s0['threads']} threads" if s0["device"] == "cpu" else s0["device"]
         out += [
-            f"### MViTv2-{s0['arch']} {what}: time (p50 per batch of {s0['batch_size']}) and FLOPs vs input size "
+            f"### MViTv2-{s0['size']} {what}: time (p50 per batch of {s0['batch_size']}) and FLOPs vs input size "
             f"({s0['dtype']}, {mode}, {where})",
             "",
             "| " + " | ".join(head) + " |",

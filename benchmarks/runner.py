@@ -179,7 +179,7 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
 def _settings_argv(s: Settings) -> list[str]:
     h, w = s.img_size
     argv = [
-        "--task", s.task, "--arch", s.arch, "--batch-size", str(s.batch_size), "--img-size", f"{h}x{w}",
+        "--task", s.task, "--size", s.size, "--batch-size", str(s.batch_size), "--img-size", f"{h}x{w}",
         "--dtype", s.dtype, "--device", s.device,
     ]
     if s.threads:

@@ -21,7 +21,7 @@ CONFIGS = ROOT / "configs"
 
 OURS = "mvit-det"
 TASKS = ("cls", "det-backbone", "det-model", "det-train")
-ARCH_NAMES = {"T": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+SIZE_NAMES = {"T": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCH = {"cls": 8, "det-backbone": 1, "det-model": 1, "det-train": 2}
 DEFAULT_SIZE = {"cls": (224, 224), "det-backbone": (1024, 1024), "det-model": (800, 1088), "det-train": (1024, 1024)}
@@ -42,7 +42,7 @@ class Settings:
     """One benchmark configuration (one table)."""
 
     task: str = "cls"
-    arch: str = "T"
+    size: str = "T"  # T/S/B/L/H
     batch_size: int = 8
     img_size: tuple[int, int] = (224, 224)
     dtype: str = "fp32"
@@ -57,7 +57,7 @@ class Settings:
 
     @property
     def size_name(self) -> str:
-        return ARCH_NAMES[self.arch]
+        return SIZE_NAMES[self.size]
 
     @property
     def title(self) -> str:
@@ -71,7 +71,7 @@ class Settings:
         mode = "torch.compile" if self.compile else "eager"
         threads = f", {self.threads} threads" if self.device == "cpu" else ""
         return (
-            f"MViTv2-{self.arch} {what}, batch {self.batch_size}, {h}x{w}, {self.dtype}, {mode}, "
+            f"MViTv2-{self.size} {what}, batch {self.batch_size}, {h}x{w}, {self.dtype}, {mode}, "
             f"{self.device}{threads}"
         )
 
@@ -151,13 +151,14 @@ def gemm_gflops(device: str, n: int = 2048, repeats: int = 7) -> float:
 
 def hardware_info(device: str) -> dict[str, Any]:
     """Machine, library versions and date, stored with every result."""
+    cpu = cpu_info()
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **{k: v for k, v in cpu_info().items() if k not in ("torch", "threads")},
+        **{k: v for k, v in cpu.items() if k not in ("torch", "threads")},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_info()["cpu_model"],
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu["cpu_model"],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -141,9 +141,9 @@ class ClsWorkload(Workload):
 
     def __init__(self, s: Settings):
         super().__init__(s)
-        if s.arch == "H":
+        if s.size == "H":
             raise ValueError(
-                "--task cls supports --arch T/S/B/L; MViTv2-H exists here only as a detection backbone "
+                "--task cls supports --size T/S/B/L; MViTv2-H exists here only as a detection backbone "
                 "(no reference implements an in1k MViTv2-H classifier)."
             )
         if s.img_size[0] != s.img_size[1]:
@@ -224,7 +224,7 @@ class _RCNNOutputs(nn.Module):
 
 
 class DetModelWorkload(Workload):
-    """Mask R-CNN as configured by configs/mvitv2_t_maskrcnn.py (backbone size from ``--arch``)."""
+    """Mask R-CNN as configured by configs/mvitv2_t_maskrcnn.py (backbone size from ``--size``)."""
 
     references = ("detectron2",)
 

@@ -199,7 +199,7 @@ def test_reference_unavailable_names_install_command():
     [
         (["--img-size", "16"], "--img-size must be SIDE or HxW with sides >= 32"),
         (["--task", "cls", "--act-checkpoint"], "--act-checkpoint applies to --task det-train only."),
-        (["--task", "cls", "--arch", "H"], "error: --task cls supports --arch T/S/B/L"),
+        (["--task", "cls", "--size", "H"], "error: --task cls supports --size T/S/B/L"),
         (["--task", "det-model", "--opts", "model.roi_heads.num_classes=="], "do not apply to mvitv2_t_maskrcnn.py"),
         (["--task", "cls", "--opts", "model.x=1"], "--opts applies to --task det-model and det-train only."),
         (["--iters", "0"], "argument --iters: must be >= 1, got 0"),
@@ -212,9 +212,9 @@ def test_cli_errors(argv, message, capsys):
 
 
 def test_scaling_settings():
-    args = bm.build_parser().parse_args(["--scaling", "--scaling-sizes", "224,384", "--arch", "S"])
+    args = bm.build_parser().parse_args(["--scaling", "--scaling-sizes", "224,384", "--size", "S"])
     settings = bm.settings_from_args(args)
-    assert [(s.task, s.img_size, s.batch_size, s.arch) for s in settings] == [
+    assert [(s.task, s.img_size, s.batch_size, s.size) for s in settings] == [
         ("cls", (224, 224), 1, "S"), ("cls", (384, 384), 1, "S"),
         ("det-backbone", (224, 224), 1, "S"), ("det-backbone", (384, 384), 1, "S"),
     ]
@@ -222,9 +222,16 @@ def test_scaling_settings():
     assert sorted({s.img_size[0] for s in default}) == [224, 384, 512, 768, 1024]
 
 
+def test_old_arch_flag_still_works_with_a_notice(capsys):
+    args = bm.build_parser().parse_args(["--arch", "B"])
+    assert args.size == "B"
+    assert capsys.readouterr().err.strip().endswith("--arch is deprecated; use --size")
+    assert "--arch" not in bm.build_parser().format_help()
+
+
 def test_cli_subprocess(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    cmd = [sys.executable, str(SCRIPT), "--task", "cls", "--arch", "T", "--batch-size", "1", "--img-size", "64",
+    cmd = [sys.executable, str(SCRIPT), "--task", "cls", "--size", "T", "--batch-size", "1", "--img-size", "64",
            "--iters", "1", "--warmup", "0", "--out-json", str(out_json), "--out-md", str(out_md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,13 +10,13 @@ from benchmarks.runner import _count_graph_breaks
 
 
 def test_plan_covers_the_requested_rows():
-    rows = {(t, a, b, s, d, c) for t, a, b, s, d, c in ROWS}
-    for arch in ("T", "B"):
+    rows = {(t, m, b, s, d, c) for t, m, b, s, d, c in ROWS}
+    for size in ("T", "B"):
         for dtype in ("bf16", "fp16", "fp32"):
-            assert ("cls", arch, 256, (224, 224), dtype, False) in rows
-        assert ("cls", arch, 256, (224, 224), "bf16", True) in rows  # torch.compile
-        assert ("cls", arch, 64, (224, 224), "bf16", False) in rows
-        assert ("det-backbone", arch, 8, (1024, 1024), "bf16", True) in rows
+            assert ("cls", size, 256, (224, 224), dtype, False) in rows
+        assert ("cls", size, 256, (224, 224), "bf16", True) in rows  # torch.compile
+        assert ("cls", size, 64, (224, 224), "bf16", False) in rows
+        assert ("det-backbone", size, 8, (1024, 1024), "bf16", True) in rows
     assert ("det-model", "T", 8, (800, 1333), "bf16", False) in rows
     assert ("det-train", "T", 8, (1024, 1024), "bf16", False) in rows
     gpu = plan(dry_run=False, iters=10, warmup=3)

@@ -1,7 +1,8 @@
-"""Argument types shared by the command-line tools."""
+"""Argument types and helpers shared by the command-line tools."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def parse_img_size(text: str) -> tuple[int, int]:
@@ -36,3 +37,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
+
+
+class _DeprecatedAlias(argparse.Action):
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """Keep accepting a renamed option ``old`` (hidden from --help) for scripts written before the rename: it sets
+    ``new``'s value and prints a one-line notice. ``kwargs`` (``choices``, ``type``) should match ``new``'s."""
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, replacement=new, help=argparse.SUPPRESS, **kwargs)
