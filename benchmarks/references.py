@@ -12,7 +12,8 @@ it, so a benchmark or a parity test compares implementations, not initialisation
 * :func:`detectron2_mvit`: ``detectron2.modeling.MViT``, whose keys equal our detection-mode keys.
 * :func:`detectron2_mask_rcnn`: detectron2's own MViTv2 Mask R-CNN, built as in
   ``projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py`` (model zoo ``common/models/mask_rcnn_fpn.py`` with
-  ``bottom_up`` = ``MViT``), loading the weights of our Mask R-CNN (same keys).
+  ``bottom_up`` = ``MViT``), loading the weights of our Mask R-CNN (same keys). Its config alone,
+  :func:`detectron2_mask_rcnn_config`, is the skeleton the detector parity tests build detectron2's models on.
 
 A library that is not installed raises :class:`ReferenceUnavailable` (an ``ImportError``) naming the
 install command, so callers can skip it with a note.
@@ -26,13 +27,15 @@ import torch
 from torch import nn
 
 from mvit_det.checkpoint.formats import to_mmpretrain_state_dict, to_timm_state_dict
-from mvit_det.models import ARCHS, MViTv2, MViTv2Arch
+from mvit_det.models import ARCHS, MViTv2, MViTv2Arch, get_arch
+from mvit_det.models.mvitv2 import STAGE_NAMES
 from mvit_det.utils.numerics import max_rel_diff  # noqa: F401  (re-exported for the benchmark and tests)
 
 __all__ = [
     "REFERENCE_INSTALL",
     "ReferenceUnavailable",
     "detectron2_mask_rcnn",
+    "detectron2_mask_rcnn_config",
     "detectron2_mvit",
     "max_rel_diff",
     "mmpretrain_classifier",
@@ -215,17 +218,22 @@ def detectron2_mvit(ours: MViTv2) -> nn.Module:
     return ref.to(next(ours.parameters()).device).train(ours.training)
 
 
-def detectron2_mask_rcnn(ours: nn.Module, act_checkpoint: bool = False) -> nn.Module:
-    """detectron2's own MViTv2 Mask R-CNN (projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py for T), loaded
-    with the weights of ``ours``, a ``GeneralizedRCNN`` whose ``backbone.bottom_up`` is our MViTv2.
-
-    The size, drop-path rate and the score threshold / detections per image of the box predictor are
-    taken from ``ours``. ``act_checkpoint`` uses detectron2's ``use_act_checkpoint`` (needs fairscale).
-    """
+def detectron2_mask_rcnn_config(
+    size: str | MViTv2Arch,
+    *,
+    drop_path_rate: float,
+    out_features=STAGE_NAMES,
+    pretrain_img_size: int = 224,
+    act_checkpoint: bool = False,
+):
+    """The LazyCall config of detectron2's own MViTv2 Mask R-CNN of ``size``, as
+    projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py writes it for T: model zoo ``common/models/mask_rcnn_fpn.py``
+    with ``bottom_up`` = detectron2's ``MViT``, ImageNet RGB normalisation. Parity tests change its heads (a
+    cascade, other proposal counts) before instantiating it. ``act_checkpoint`` uses detectron2's
+    ``use_act_checkpoint`` (needs fairscale)."""
     try:
         from detectron2 import model_zoo
         from detectron2.config import LazyCall as L
-        from detectron2.config import instantiate
         from detectron2.modeling import MViT
     except ImportError as e:
         raise ReferenceUnavailable("detectron2", e) from None
@@ -234,17 +242,33 @@ def detectron2_mask_rcnn(ours: nn.Module, act_checkpoint: bool = False) -> nn.Mo
             import fairscale  # noqa: F401  (detectron2's MViT wraps blocks with fairscale's checkpoint_wrapper)
         except ImportError as e:
             raise ReferenceUnavailable("detectron2 activation checkpointing", e, "pip install fairscale") from None
-    trunk: MViTv2 = ours.backbone.bottom_up
     model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
     constants = model_zoo.get_config("common/data/constants.py").constants
     model.pixel_mean = constants.imagenet_rgb256_mean
     model.pixel_std = constants.imagenet_rgb256_std
     model.input_format = "RGB"
     model.backbone.bottom_up = L(MViT)(
-        **_detectron2_mvit_kwargs(trunk.arch, trunk.out_features, _drop_path_rate(trunk), _pretrain_img_size(trunk)),
+        **_detectron2_mvit_kwargs(get_arch(size), out_features, drop_path_rate, pretrain_img_size),
         use_act_checkpoint=act_checkpoint,
     )
     model.backbone.in_features = "${.bottom_up.out_features}"
+    return model
+
+
+def detectron2_mask_rcnn(ours: nn.Module, act_checkpoint: bool = False) -> nn.Module:
+    """detectron2's own MViTv2 Mask R-CNN (:func:`detectron2_mask_rcnn_config`), loaded with the weights of
+    ``ours``, a ``GeneralizedRCNN`` whose ``backbone.bottom_up`` is our MViTv2.
+
+    The size, drop-path rate and the score threshold / detections per image of the box predictor are
+    taken from ``ours``. ``act_checkpoint`` uses detectron2's ``use_act_checkpoint`` (needs fairscale).
+    """
+    trunk: MViTv2 = ours.backbone.bottom_up
+    model = detectron2_mask_rcnn_config(
+        trunk.arch, drop_path_rate=_drop_path_rate(trunk), out_features=trunk.out_features,
+        pretrain_img_size=_pretrain_img_size(trunk), act_checkpoint=act_checkpoint,
+    )
+    from detectron2.config import instantiate  # importable: detectron2_mask_rcnn_config found detectron2
+
     # Same head hyper-parameters as ours (the recipe values unless a config changed them).
     rpn, roi_heads, predictor = ours.proposal_generator, ours.roi_heads, ours.roi_heads.box_predictor
     model.proposal_generator.pre_nms_topk = (rpn.pre_nms_topk[True], rpn.pre_nms_topk[False])

@@ -14,19 +14,16 @@ models are also compared key by key and shape by shape (no inference).
 from __future__ import annotations
 
 import pickle
-from functools import partial
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.data.detection_utils import get_fed_loss_cls_weights
 from detectron2.layers import ShapeSpec
 from detectron2.layers.batch_norm import NaiveSyncBatchNorm
-from detectron2.modeling import MViT
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNOutputLayers
@@ -34,14 +31,12 @@ from skimage import data as skdata
 from test_model_zoo_parity import randomise  # informative random weights, as in the Mask R-CNN T parity test
 from torch import nn
 
+from benchmarks.references import detectron2_mask_rcnn_config
 from mvit_det.detection.run_config import load_config
 from mvit_det.detection.zoo import get_detector, get_detector_card
 
-# detectron2's MViT arguments per size (projects/MViTv2 and projects/ViTDet configs)
-D2_MVIT = {
-    "tiny": dict(embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), drop_path_rate=0.2),
-    "base": dict(embed_dim=96, depth=24, num_heads=1, last_block_indexes=(1, 4, 20, 23), drop_path_rate=0.4),
-}
+# detectron2's MViT drop-path rate per size (projects/MViTv2 and projects/ViTDet configs)
+D2_DROP_PATH = {"tiny": 0.2, "base": 0.4}
 SQUARE = 320
 #: proposals per test image; LVIS: fewer, as every proposal scores all 1203 classes and the per-class NMS over
 #: proposals x classes candidates dominates its time (25 x 1203 still fill the 100 detections)
@@ -50,18 +45,7 @@ PROPOSALS = {"mask_rcnn": 100, "cascade": 100, "vitdet_coco": 100, "vitdet_lvis"
 
 def d2_model(family: str, size: str = "tiny"):
     """detectron2's own model of the family, from its modeling classes, as its project configs write it."""
-    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-    constants = model_zoo.get_config("common/data/constants.py").constants
-    model.pixel_mean = constants.imagenet_rgb256_mean
-    model.pixel_std = constants.imagenet_rgb256_std
-    model.input_format = "RGB"
-    model.backbone.bottom_up = L(MViT)(
-        **D2_MVIT[size],
-        residual_pooling=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        out_features=("scale2", "scale3", "scale4", "scale5"),
-    )
-    model.backbone.in_features = "${.bottom_up.out_features}"
+    model = detectron2_mask_rcnn_config(size, drop_path_rate=D2_DROP_PATH[size])
     model.proposal_generator.pre_nms_topk = (2000, PROPOSALS[family] * 5)
     model.proposal_generator.post_nms_topk = (1000, PROPOSALS[family])
     if family == "mask_rcnn":

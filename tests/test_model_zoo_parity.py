@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-from functools import partial
 from pathlib import Path
 
 import cv2
@@ -20,36 +19,19 @@ import pytest
 import torch
 from torch import nn
 
-from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig, instantiate
-from detectron2.modeling import MViT
 from skimage import data as skdata
 
+from benchmarks.references import detectron2_mask_rcnn_config
 from mvit_det.models import MViTv2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def detectron2_mask_rcnn_mvitv2_t():
-    """The model of detectron2's projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py, written out here."""
-    model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
-    constants = model_zoo.get_config("common/data/constants.py").constants
-    model.pixel_mean = constants.imagenet_rgb256_mean
-    model.pixel_std = constants.imagenet_rgb256_std
-    model.input_format = "RGB"
-    model.backbone.bottom_up = L(MViT)(
-        embed_dim=96,
-        depth=10,
-        num_heads=1,
-        last_block_indexes=(0, 2, 7, 9),
-        residual_pooling=True,
-        drop_path_rate=0.2,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        out_features=("scale2", "scale3", "scale4", "scale5"),
-    )
-    model.backbone.in_features = "${.bottom_up.out_features}"
+    """The model of detectron2's projects/MViTv2/configs/mask_rcnn_mvitv2_t_3x.py, with every score kept."""
+    model = detectron2_mask_rcnn_config("tiny", drop_path_rate=0.2)
     model.roi_heads.box_predictor.test_score_thresh = 0.0
     return model
 
