@@ -16,9 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .checkpoint import CheckpointInfo, load_checkpoint
+from .checkpoint import CheckpointInfo, load_checkpoint, open_source
 from .checkpoint.described import attach_description, get_description
-from .checkpoint.io import download, is_url, load_file
 from .models import ARCHS, MODEL_CARDS, MViTv2, get_card, list_models
 from .utils.hints import did_you_mean
 
@@ -62,10 +61,10 @@ def get_model(
 
     Returns the model in eval mode.
     """
-    description = None
+    description = source = label = None
     if pretrained and pretrained is not True:
-        # Read (memory-mapped) for its description; load_checkpoint reads it again, for its error messages' path.
-        description = get_description(load_file(download(str(pretrained)) if is_url(str(pretrained)) else pretrained))
+        source, label = open_source(pretrained)
+        description = get_description(source)
     if name is None and description is None:
         raise ValueError(
             "get_model needs a model name (see list_models()) unless pretrained is a self-describing checkpoint "
@@ -76,11 +75,13 @@ def get_model(
     card = get_card(name) if name is not None else None
     if description is not None:
         kwargs = dict(description["model_kwargs"])
-        if card is not None and card.arch != kwargs.get("arch"):
+        # model_kwargs are MViTv2's keyword arguments, whose "arch" is here a size name such as "tiny"
+        size = kwargs.get("arch")
+        if card is not None and card.size != size:
             raise ValueError(
-                f"Checkpoint {pretrained} holds an MViTv2-{kwargs.get('arch')} classifier, but the model {name!r} is "
-                f"MViTv2-{card.arch}. Omit the model name (the checkpoint describes its model) or give a "
-                f"{kwargs.get('arch')} model."
+                f"Checkpoint {pretrained} holds an MViTv2-{size} classifier, but the model {name!r} is "
+                f"MViTv2-{card.size}. Omit the model name (the checkpoint describes its model) or give a "
+                f"{size} model."
             )
         ckpt_classes = kwargs["num_classes"]
         kwargs.update(overrides)
@@ -94,7 +95,10 @@ def get_model(
         model = card.build(**overrides)
     if pretrained:
         new_head = num_classes is not None and num_classes != ckpt_classes
-        load_checkpoint(model, card.url if pretrained is True else pretrained, strict=strict, skip_head=new_head)
+        if pretrained is True:
+            load_checkpoint(model, card.url, strict=strict, skip_head=new_head)
+        else:
+            load_checkpoint(model, source, strict=strict, skip_head=new_head, label=label)
         if description is not None:
             attach_description(model, description)
     return model.eval()
@@ -174,19 +178,19 @@ def build_classifier(model_spec: str, checkpoint: Union[str, Path]) -> MViTv2:
     return model.eval()
 
 
-def model_for_checkpoint(arch: str, info: CheckpointInfo) -> MViTv2:
-    """The model ``arch`` (a name from ``list_models()`` or a size such as ``"T"``) that a checkpoint described by
+def model_for_checkpoint(name: str, info: CheckpointInfo) -> MViTv2:
+    """The model ``name`` (a name from ``list_models()`` or a size such as ``"T"``) that a checkpoint described by
     ``info`` should fill: a detection trunk for a trunk checkpoint; for a bare size, the class token, widening mode
-    and classes come from the checkpoint (``tools/convert_checkpoint.py --arch``)."""
-    if arch in MODEL_CARDS:
+    and classes come from the checkpoint (``tools/convert_checkpoint.py --model``)."""
+    if name in MODEL_CARDS:
         if info.detection or info.num_classes is None:
-            card = MODEL_CARDS[arch]
-            return MViTv2(card.arch, detection=True)
-        return get_model(arch)
+            card = MODEL_CARDS[name]
+            return MViTv2(card.size, detection=True)
+        return get_model(name)
     if info.detection or info.num_classes is None:
-        return MViTv2(arch, detection=True)
+        return MViTv2(name, detection=True)
     return MViTv2(
-        arch,
+        name,
         num_classes=info.num_classes,
         expand_attn=info.expand_attn if info.expand_attn is not None else True,
         cls_token=info.cls_token,

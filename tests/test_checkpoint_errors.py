@@ -58,6 +58,17 @@ def test_truncated_file(tiny_ckpt, tmp_path):
         get_model("mvitv2-tiny_3rdparty_in1k", pretrained=tmp_path / "cut.pth")
 
 
+def test_get_model_reads_the_checkpoint_once(tiny_ckpt, monkeypatch):
+    """The description and the weights come from one read of the file."""
+    from mvit_det.checkpoint import loading
+
+    reads = []
+    monkeypatch.setattr(loading, "load_file", lambda path, _read=loading.load_file: reads.append(path) or _read(path))
+    model = get_model("mvitv2-tiny_3rdparty_in1k", pretrained=tiny_ckpt[1])
+    assert reads == [tiny_ckpt[1]]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in tiny_ckpt[0].state_dict().items())
+
+
 def test_truncated_pickle(tmp_path):
     blob = pickle.dumps({"model": {"backbone.bottom_up.patch_embed.proj.weight": np.zeros((96, 3, 7, 7), np.float32)}})
     (tmp_path / "model_final.pkl").write_bytes(blob[:-100])

@@ -298,16 +298,16 @@ def test_convert_tool_round_trip(tmp_path, ckpt_fill_random, capsys):
 
     ref = build_timm("mvitv2_tiny", ckpt_fill_random, 8)
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
-    assert tool.main([str(tmp_path / "timm.pth"), str(tmp_path / "ours.pth"), "--arch", "T"]) == 0
+    assert tool.main([str(tmp_path / "timm.pth"), str(tmp_path / "ours.pth"), "--model", "T"]) == 0
     printed = capsys.readouterr().out
     for line in ["format:      timm", "blocks:      10", "width:       96", "size:        MViTv2-T (10 blocks, width 96)",
                  "cls token:   no", "num_classes: 1000", "widens:      in attention (expand_attn=True)",
-                 "check:       all 242 weights load strictly into --arch T"]:
+                 "check:       all 242 weights load strictly into --model T"]:
         assert line in printed
 
     raw = torch.load(tmp_path / "ours.pth", weights_only=True)
     assert raw["meta"]["format"] == "mvit-det" and raw["meta"]["source_format"] == "timm"
-    assert raw["meta"]["arch"] == "tiny" and detect_format(raw) == "mvit-det"
+    assert raw["meta"]["size"] == "tiny" and detect_format(raw) == "mvit-det"
     assert describe_state_dict(raw["model"]).num_classes == 1000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
@@ -316,7 +316,12 @@ def test_convert_tool_round_trip(tmp_path, ckpt_fill_random, capsys):
     with torch.no_grad():
         assert rel_diff(model(x), ref(x)) <= 1e-4
 
-    # --arch checks the weights before writing: an S model refuses T weights and nothing is written.
+    # --model checks the weights before writing: an S model refuses T weights and nothing is written.
     with pytest.raises(ValueError, match=r"the checkpoint looks like MViTv2-T \(10 blocks, width 96\), the model is MViTv2-S"):
-        tool.main([str(tmp_path / "timm.pth"), str(tmp_path / "bad.pth"), "--arch", "mvitv2-small_3rdparty_in1k"])
+        tool.main([str(tmp_path / "timm.pth"), str(tmp_path / "bad.pth"), "--model", "mvitv2-small_3rdparty_in1k"])
     assert not (tmp_path / "bad.pth").exists()
+
+    # The old spelling --arch still works, with a one-line notice.
+    assert tool.main([str(tmp_path / "timm.pth"), str(tmp_path / "old.pth"), "--arch", "T"]) == 0
+    captured = capsys.readouterr()
+    assert "--arch is deprecated; use --model" in captured.err and "into --model T" in captured.out

@@ -22,7 +22,7 @@ from mvit_det.classification.datasets import DatasetError
 from mvit_det.classification.recipes import DROP_PATH, RecipeError, resolve_recipe
 from mvit_det.classification.train import OutputError, ResumeError, TrainConfig, TrainingDiverged, train
 from mvit_det.classification.train_data import prepare_data
-from mvit_det.classification.train_state import build_model, build_optimizer
+from mvit_det.classification.train_state import create_train_model, create_train_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mvitv2-tiny_3rdparty_in1k"
@@ -210,7 +210,7 @@ def test_pretrained_from_a_fine_tune_and_from_a_detector_trunk(digits_run, tmp_p
     r = resolve_recipe("tiny", overrides=dict(FAST))
     previous = str(digits_run["out"] / "model_final.pth")
     trained = load_file(previous)["model"]
-    model, _ = build_model(MODEL, 2, r, act_checkpoint=False)
+    model, _ = create_train_model(MODEL, 2, r, act_checkpoint=False)
     how = load_pretrained(model, MODEL, previous)
     assert "new 2-class head (the checkpoint has 10 classes)" in how
     sd = model.state_dict()
@@ -220,7 +220,7 @@ def test_pretrained_from_a_fine_tune_and_from_a_detector_trunk(digits_run, tmp_p
     trunk = MViTv2("tiny", detection=True, pretrain_img_size=32).state_dict()
     det = tmp_path / "detector.pth"
     torch.save({"model": {"backbone.bottom_up." + k: v for k, v in trunk.items()}}, det)
-    model, _ = build_model(MODEL, 2, r, act_checkpoint=False)
+    model, _ = create_train_model(MODEL, 2, r, act_checkpoint=False)
     how = load_pretrained(model, MODEL, str(det))
     assert "trunk from the detector checkpoint" in how and "norm and head are new" in how
     sd = model.state_dict()
@@ -287,14 +287,14 @@ def test_finetune_recipe_and_config_file(tmp_path):
 
 def test_no_weight_decay_groups_and_layer_decay():
     r = resolve_recipe("tiny", overrides={"batch_size": 256})
-    model, _ = build_model(MODEL, 10, r, act_checkpoint=False)
+    model, _ = create_train_model(MODEL, 10, r, act_checkpoint=False)
     names = {id(p): n for n, p in model.named_parameters()}
-    opt = build_optimizer(model, r, r.learning_rate())
+    opt = create_train_optimizer(model, r, r.learning_rate())
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed and all(n.endswith("weight") and "norm" not in n for n in decayed)
     assert not any("rel_pos" in n for n in decayed) and "head.fc.weight" in decayed
     r.layer_decay = 0.75
-    opt = build_optimizer(model, r, r.learning_rate())
+    opt = create_train_optimizer(model, r, r.learning_rate())
     scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     assert scale["head.fc.weight"] == 1.0 > scale["blocks.9.attn.qkv.weight"] > scale["blocks.0.attn.qkv.weight"]
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.75 ** 11)
@@ -413,7 +413,7 @@ def test_unreachable_pretrained_url_names_the_flags(tmp_path, capsys):
 def test_finetune_recipe_freezes_stages_and_saves_the_ema(tmp_path):
     data = _folder(tmp_path / "d", {"a": 2, "b": 2})
     torch.manual_seed(0)
-    start, _ = build_model(MODEL, 2, resolve_recipe("tiny", overrides=dict(FAST)), act_checkpoint=False)
+    start, _ = create_train_model(MODEL, 2, resolve_recipe("tiny", overrides=dict(FAST)), act_checkpoint=False)
     init = tmp_path / "init.pth"
     torch.save({"model": start.state_dict()}, init)
     s = train(_cfg(data, tmp_path / "ft", recipe="finetune", pretrained=str(init),

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mvit_det.checkpoint import load_file
 from mvit_det.classification.recipes import resolve_recipe
-from mvit_det.classification.train_state import build_model
+from mvit_det.classification.train_state import create_train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "cls_train.py"
@@ -62,7 +62,7 @@ def test_two_processes_and_torchrun_equal_one_process(tmp_path):
     state = load_file(tmp_path / "one" / "last.pth")["train_state"]
     assert state["global_step"] == 2 and state["epoch"] == 2
     torch.manual_seed(0)  # the run's seed: the same initial weights
-    initial, _ = build_model("mvitv2-tiny_3rdparty_in1k", 2, resolve_recipe("tiny", config=recipe), act_checkpoint=False)
+    initial, _ = create_train_model("mvitv2-tiny_3rdparty_in1k", 2, resolve_recipe("tiny", config=recipe), act_checkpoint=False)
     init = initial.state_dict()
     ref = load_file(one)["model"]
     update = torch.cat([(ref[k] - init[k]).flatten() for k in ref])

@@ -203,7 +203,7 @@ def test_yacs_bare_trunk_checkpoint_loads_back(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    ckpt = AtomicCheckpointer(model, str(tmp_path), require_all=True)
+    ckpt = MViTv2Checkpointer(model, str(tmp_path), require_all=True)
     assert ckpt.resume_or_load("", resume=True)["iteration"] == 4  # --resume, --eval-only --resume
     assert _equal(model, saved)
 

@@ -24,7 +24,7 @@ from detectron2.engine import hooks  # noqa: E402
 from mvit_det.data.toy import ToySpec, generate_toy_dataset  # noqa: E402
 from mvit_det.detection import builders, engine  # noqa: E402
 from mvit_det.detection import checkpoint as detection_checkpoint  # noqa: E402
-from mvit_det.detection.checkpoint import AtomicCheckpointer
+from mvit_det.detection.checkpoint import AtomicCheckpointer, MViTv2Checkpointer
 from mvit_det.detection.engine import NonFiniteLossError, Trainer, weights_digest
 from mvit_det.detection.run_config import load_config, yacs_opts_to_list
 
@@ -166,7 +166,7 @@ def test_two_cpu_processes_stay_in_sync(tiny, tmp_path):
     # The digest is of the trained weights: it matches model_final.pth and differs from the initial weights.
     model = builders.build_model(load_config(str(LAZY)))
     init_digest = weights_digest(model)
-    AtomicCheckpointer(model).load(str(out / "model_final.pth"))
+    MViTv2Checkpointer(model).load(str(out / "model_final.pth"))
     assert weights_digest(model) == digests[0] != init_digest
     assert [r["iteration"] for r in read_metrics(out) if "total_loss" in r] == [0, 1, 2, 3]
 

@@ -66,7 +66,7 @@ def _describes_itself(weights: str) -> bool:
         return False
 
 
-def build_model(name: str | None, weights: str | None) -> tuple[torch.nn.Module, bool]:
+def load_classifier(name: str | None, weights: str | None) -> tuple[torch.nn.Module, bool]:
     """The model and whether its weights are real. Exits with status 2 if ``--weights`` fails."""
     if weights is not None:
         if name is None and not _describes_itself(weights):
@@ -104,7 +104,7 @@ def print_table(path: Path, result: dict, seconds: float, random_weights: bool) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model, real_weights = build_model(args.model, args.weights)
+    model, real_weights = load_classifier(args.model, args.weights)
     model.to(args.device)
 
     failed = 0

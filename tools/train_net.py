@@ -35,7 +35,7 @@ from detectron2.engine import launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 from mvit_det.detection.builders import build_model
-from mvit_det.detection.checkpoint import AtomicCheckpointer
+from mvit_det.detection.checkpoint import MViTv2Checkpointer
 from mvit_det.detection.engine import NonFiniteLossError, do_test, do_train, register_coco_datasets, setup_run
 from mvit_det.detection.resume import OutputDirLockedError, output_dir_lock
 from mvit_det.detection.run_config import check_run_settings, load_config, prepare_config, run_settings
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace):
         s = run_settings(cfg)
         model = build_model(cfg)
         # Evaluation needs every weight from the checkpoint: a layer left at its initialisation is an error.
-        AtomicCheckpointer(model, s.output_dir, require_all=True).resume_or_load(s.init_checkpoint, resume=args.resume)
+        MViTv2Checkpointer(model, s.output_dir, require_all=True).resume_or_load(s.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     try:
         return do_train(cfg, resume=args.resume)

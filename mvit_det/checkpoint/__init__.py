@@ -3,7 +3,7 @@ mvit-det's parameter names, download with a hash-checked cache, and load them wi
 """
 from .formats import FORMATS, CheckpointInfo, convert, describe_state_dict, detect_format
 from .io import DownloadError, download, load_file, save_checkpoint
-from .loading import LoadReport, load_checkpoint, read_checkpoint
+from .loading import LoadReport, load_checkpoint, open_source, read_checkpoint
 
 __all__ = [
     "FORMATS",
@@ -16,6 +16,7 @@ __all__ = [
     "download",
     "load_checkpoint",
     "load_file",
+    "open_source",
     "read_checkpoint",
     "save_checkpoint",
 ]

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from ..models import MODEL_CARDS, MViTv2
 from .formats import CheckpointInfo, ConvertedCheckpoint, convert, describe_state_dict
 from .io import download, is_url, load_file
 
-__all__ = ["LoadReport", "load_checkpoint", "read_checkpoint", "refuse_integer_weights"]
+__all__ = ["LoadReport", "check_checkpoint", "load_checkpoint", "open_source", "read_checkpoint", "refuse_integer_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,27 +93,34 @@ class LoadReport:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def _read(source: Source) -> tuple[ConvertedCheckpoint, str]:
+def open_source(source: Source) -> tuple[Mapping[str, Any], str]:
+    """Read a path or URL once: (the loaded object, the label that error messages name it by). A dict already in
+    memory is returned as it is, labelled ``<dict>``."""
     if isinstance(source, Mapping):
-        obj, label = source, "<dict>"
-    elif is_url(source):
-        obj, label = load_file(download(source)), str(source)
-    elif isinstance(source, (str, os.PathLike)):
-        obj, label = load_file(source), repr(os.fspath(source))
-    else:
-        raise TypeError(
-            f"A checkpoint source must be a file path, an http(s) URL or a loaded checkpoint dict; "
-            f"got {type(source).__name__}."
-        )
+        return source, "<dict>"
+    if is_url(source):
+        return load_file(download(source)), str(source)
+    if isinstance(source, (str, os.PathLike)):
+        return load_file(source), repr(os.fspath(source))
+    raise TypeError(
+        f"A checkpoint source must be a file path, an http(s) URL or a loaded checkpoint dict; "
+        f"got {type(source).__name__}."
+    )
+
+
+def _read(source: Source, label: Optional[str] = None) -> tuple[ConvertedCheckpoint, str]:
+    obj, default_label = open_source(source)
+    label = label or default_label
     try:
         return convert(obj), label
     except ValueError as e:
         raise ValueError(f"Cannot use checkpoint {label}: {e}") from None
 
 
-def read_checkpoint(source: Source) -> tuple[dict[str, Tensor], str]:
-    """Read a path, URL or loaded dict and return (state dict in mvit-det's layout, format name)."""
-    conv, _ = _read(source)
+def read_checkpoint(source: Source, *, label: Optional[str] = None) -> tuple[dict[str, Tensor], str]:
+    """Read a path, URL or loaded dict and return (state dict in mvit-det's layout, format name). ``label`` names
+    a dict already read from a file (see ``open_source``) in error messages."""
+    conv, _ = _read(source, label)
     return conv.state_dict, conv.format
 
 
@@ -131,7 +138,7 @@ def _model_label(info: CheckpointInfo, detection: bool) -> str:
 
 
 def _registry_names(size: str, expand_attn) -> list[str]:
-    return [n for n, c in MODEL_CARDS.items() if c.arch == size and (expand_attn is None or c.expand_attn == expand_attn)]
+    return [n for n, c in MODEL_CARDS.items() if c.size == size and (expand_attn is None or c.expand_attn == expand_attn)]
 
 
 def _diagnose(ck: CheckpointInfo, m: CheckpointInfo, detection: bool) -> list[str]:
@@ -229,6 +236,7 @@ def load_checkpoint(
     *,
     strict: bool = True,
     skip_head: bool = False,
+    label: Optional[str] = None,
 ) -> LoadReport:
     """Load weights of any supported format (official, mmpretrain, timm, detectron2, mvit-det).
 
@@ -240,12 +248,30 @@ def load_checkpoint(
             cause and the fix. With False, load what fits and log everything that was skipped.
         skip_head: do not take the classifier head (``head.fc.*``) from the checkpoint (a new number of
             classes); every other weight must still load.
+        label: what error messages and the report call ``source`` when it is a dict already read from a file
+            (``open_source`` returns both, so a caller that inspects the file first reads it once).
 
     Rel-pos tables of another length are resized by linear interpolation.
     Returns a ``LoadReport``.
     """
+    report, weights = check_checkpoint(model, source, strict=strict, skip_head=skip_head, label=label)
+    model.load_state_dict(weights, strict=False)
+    _log(report, bool(getattr(model, "detection", False)))
+    return report
+
+
+def check_checkpoint(
+    model: nn.Module,
+    source: Source,
+    *,
+    strict: bool = True,
+    skip_head: bool = False,
+    label: Optional[str] = None,
+) -> tuple[LoadReport, dict[str, Tensor]]:
+    """What ``load_checkpoint`` would load, without touching ``model``: (the report, the weights converted to
+    ``model``'s names and shapes, rel-pos tables resized). Raises as ``load_checkpoint`` does."""
     _check_model(model)
-    conv, label = _read(source)
+    conv, label = _read(source, label)
     ckpt = dict(conv.state_dict)
     model_sd = model.state_dict()
     detection = bool(getattr(model, "detection", False))
@@ -300,10 +326,8 @@ def load_checkpoint(
     if strict and not report.complete:
         raise ValueError(_mismatch_message(label, conv.format, ck_info, m_info, detection, report))
 
-    model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
-    _log(report, detection)
-    return report
+    return report, to_load
 
 
 def _check_model(model: nn.Module) -> None:

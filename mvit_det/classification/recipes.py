@@ -99,12 +99,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 _FIELDS = {f.name: f for f in dataclasses.fields(Recipe) if f.name not in ("name", "extra")}
 
 
-def get_recipe(name: str, arch: str) -> Recipe:
+def get_recipe(name: str, size: str) -> Recipe:
     """The named recipe (``RECIPES``) for a model size (``tiny`` ... ``huge``)."""
     if name not in RECIPES:
         raise RecipeError(f"Unknown recipe {name!r}; choose from {', '.join(RECIPES)} (or give a --config file).")
     recipe = Recipe(name=name, **RECIPES[name])
-    recipe.drop_path = DROP_PATH.get(arch, 0.1)
+    recipe.drop_path = DROP_PATH.get(size, 0.1)
     return recipe
 
 
@@ -160,7 +160,7 @@ def load_recipe_file(path: Union[str, Path]) -> dict[str, Any]:
 
 
 def resolve_recipe(
-    arch: str,
+    size: str,
     recipe: Optional[str] = None,
     config: Optional[Union[str, Path]] = None,
     overrides: Optional[dict[str, Any]] = None,
@@ -172,7 +172,7 @@ def resolve_recipe(
     base = file_values.pop("recipe", None)
     if recipe and base and recipe != base:
         raise RecipeError(f"--recipe {recipe} conflicts with 'recipe: {base}' in {config}; give one of them.")
-    result = get_recipe(recipe or base or "imagenet", arch)
+    result = get_recipe(recipe or base or "imagenet", size)
     base_epochs, base_warmup = result.epochs, result.warmup_epochs
     cli = dict(overrides or {})
     _apply(result, file_values, f"config file {config}")

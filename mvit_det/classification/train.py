@@ -59,8 +59,8 @@ from .train_state import (
     ResumeError,
     TrainingDiverged,
     atomic_save,
-    build_model,
-    build_optimizer,
+    create_train_model,
+    create_train_optimizer,
     build_scheduler,
     check_output,
     freeze_stages,
@@ -174,7 +174,7 @@ class _Run:
             self.rank, self.world,
         )  # fmt: skip
 
-        self.recipe: Recipe = resolve_recipe(get_card(cfg.model).arch, cfg.recipe, cfg.config, cfg.overrides)
+        self.recipe: Recipe = resolve_recipe(get_card(cfg.model).size, cfg.recipe, cfg.config, cfg.overrides)
         self.names = self.data.class_names
         r = self.recipe
         self.sampler = GlobalBatchSampler(len(self.data.train), r.batch_size, self.world, self.rank, cfg.accum_steps, cfg.seed)
@@ -196,7 +196,7 @@ class _Run:
     def _build_model(self) -> None:
         cfg, r = self.cfg, self.recipe
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        self.model, self.model_kwargs = build_model(cfg.model, len(self.names), r, cfg.act_checkpoint)
+        self.model, self.model_kwargs = create_train_model(cfg.model, len(self.names), r, cfg.act_checkpoint)
         how = load_pretrained(self.model, cfg.model, cfg.pretrained)
         frozen = freeze_stages(self.model, r.freeze_stages)
         if self.rank == 0:
@@ -209,7 +209,7 @@ class _Run:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.lr = r.learning_rate()
-        self.optimizer = build_optimizer(self.model, r, self.lr)
+        self.optimizer = create_train_optimizer(self.model, r, self.lr)
         self.scheduler = build_scheduler(self.optimizer, r, self.sampler.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         self.ema = ModelEmaV3(self.model, decay=r.ema_decay, use_warmup=True) if r.ema else None

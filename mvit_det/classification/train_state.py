@@ -24,8 +24,8 @@ __all__ = [
     "ResumeError",
     "TrainingDiverged",
     "atomic_save",
-    "build_model",
-    "build_optimizer",
+    "create_train_model",
+    "create_train_optimizer",
     "build_scheduler",
     "check_output",
     "freeze_stages",
@@ -72,14 +72,14 @@ def atomic_save(obj: Any, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------
-def build_model(model_name: str, num_classes: int, recipe: Recipe, act_checkpoint: bool) -> tuple[MViTv2, dict]:
+def create_train_model(model_name: str, num_classes: int, recipe: Recipe, act_checkpoint: bool) -> tuple[MViTv2, dict]:
     """The registry model's architecture with ``num_classes`` outputs, sized for ``recipe.img_size``.
 
     Returns the model and the ``MViTv2`` keyword arguments that rebuild it (stored in the checkpoint).
     """
     card = get_card(model_name)
     kwargs = dict(
-        arch=card.arch, num_classes=num_classes, expand_attn=card.expand_attn, cls_token=card.cls_token,
+        arch=card.size, num_classes=num_classes, expand_attn=card.expand_attn, cls_token=card.cls_token,
         pretrain_img_size=recipe.img_size,
     )
     model = MViTv2(**kwargs, drop_path_rate=recipe.drop_path or 0.0, act_checkpoint=act_checkpoint)
@@ -143,7 +143,7 @@ class _LayerView:
         return dict(stem=r"^cls_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
 
-def build_optimizer(model: MViTv2, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+def create_train_optimizer(model: MViTv2, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
     """timm's ``create_optimizer_v2``: no weight decay on norms, biases, rel-pos tables and the class token
     (``model.no_weight_decay()``); with ``layer_decay`` the learning rate shrinks by that factor per block."""
     group_fn: Optional[Callable] = None

@@ -13,7 +13,8 @@ from .backbone import (
 )
 from . import builtin_datasets  # noqa: F401  (registers the built-in datasets, as detectron2 does)
 from .checkpoint import MViTv2Checkpointer
-from .config import NO_WEIGHT_DECAY_PARAMS, add_mvitv2_config, build_augmentation, build_optimizer
+from .builders import build_optimizer
+from .config import NO_WEIGHT_DECAY_PARAMS, add_mvitv2_config, build_augmentation
 
 __all__ = [
     "NO_WEIGHT_DECAY_PARAMS",

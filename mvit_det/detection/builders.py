@@ -19,8 +19,7 @@ from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead
 from detectron2.solver import build_lr_scheduler as build_yacs_scheduler
 from detectron2.utils.registry import locate
 
-from .config import build_augmentation
-from .config import build_optimizer as build_yacs_optimizer
+from .config import build_augmentation, build_yacs_optimizer
 from .run_config import AnyConfig, _set, is_lazy, run_settings
 
 __all__ = [
@@ -82,7 +81,7 @@ def build_model(cfg: AnyConfig) -> nn.Module:
 
 
 def build_optimizer(cfg: AnyConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """LazyConfig: ``instantiate(cfg.optimizer)``. yacs: ``mvit_det.detection.build_optimizer`` (``SOLVER.OPTIMIZER``
+    """LazyConfig: ``instantiate(cfg.optimizer)``. yacs: ``build_yacs_optimizer`` (``SOLVER.OPTIMIZER``
     SGD or AdamW, no weight decay on norms and rel-pos tables, ``SOLVER.CLIP_GRADIENTS``)."""
     if is_lazy(cfg):
         cfg.optimizer.params.model = model

@@ -44,10 +44,10 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-from ..checkpoint import DownloadError, detect_format, load_checkpoint, load_file
+from ..checkpoint import DownloadError, detect_format, load_file
 from ..checkpoint.formats import unwrap_keys
 from ..checkpoint.io import offline_hint
-from ..checkpoint.loading import refuse_integer_weights
+from ..checkpoint.loading import check_checkpoint, refuse_integer_weights
 from ..models import MViTv2
 from ..utils.atomic import atomic_open
 
@@ -181,6 +181,13 @@ class MViTv2Checkpointer(DetectionCheckpointer):
         if filename.endswith(".pyth") and isinstance(raw, Mapping) and "model_state" in raw:  # pycls
             state = {k: v for k, v in raw["model_state"].items() if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        if filename.endswith((".pkl", ".pyth")):
+            # detectron2 would read the file a second time (pickle.load / torch.load) only to reject it
+            raise ValueError(
+                f"Cannot load {filename}: a {os.path.splitext(filename)[1]} checkpoint must be a detectron2 or Caffe2 "
+                f"model-zoo dict, or a pycls dict with 'model_state'; it holds a {type(raw).__name__}"
+                + (f" with the keys {sorted(map(str, raw))[:10]}." if isinstance(raw, Mapping) else ".")
+            )
         self._raw = raw  # detectron2's generic path (query options, "model" wrapping) reads it via _torch_load
         try:
             return super()._load_file(filename)
@@ -193,13 +200,13 @@ class MViTv2Checkpointer(DetectionCheckpointer):
 
     def _from_imagenet(self, raw: Any, filename: str, prefix: str, trunk: MViTv2) -> dict:
         """Convert an ImageNet checkpoint, check it strictly against the trunk, and hand the trunk weights under
-        their full names to detectron2's loader (whose log then lists everything else as initialised)."""
+        their full names to detectron2's loader (whose log then lists everything else as initialised). The trunk
+        itself is left untouched until that loader runs."""
         try:
-            report = load_checkpoint(trunk, raw, strict=True)
+            report, weights = check_checkpoint(trunk, raw, strict=True)  # rel-pos tables resized to the trunk's
         except ValueError as e:
             raise ValueError(self._relabel(e, filename, prefix)) from None
         self._imagenet_format = report.format
-        sd = trunk.state_dict()  # rel-pos tables already resized to the trunk's
         self.logger.info(
             "Read %s as an ImageNet MViTv2 checkpoint (%s format): %d backbone weights for %s; the classifier's %s "
             "are not used. The detector's other layers (%s, FPN, RPN, ROI heads) keep their initialisation, as "
@@ -208,7 +215,7 @@ class MViTv2Checkpointer(DetectionCheckpointer):
             ", ".join(report.unused) or "(nothing)", ", ".join(sorted({k.split(".")[0] for k in report.initialized})),
         )  # fmt: skip
         return {
-            "model": {prefix + k: sd[k] for k in report.loaded},
+            "model": {prefix + k: v for k, v in weights.items()},
             "__author__": f"mvit-det ({report.format})",
             "matching_heuristics": False,
         }
@@ -222,7 +229,7 @@ class MViTv2Checkpointer(DetectionCheckpointer):
                 f"{prefix!r}): it belongs to a model with another backbone. Use a checkpoint of this config."
             )
         try:
-            load_checkpoint(trunk, part, strict=True)
+            check_checkpoint(trunk, part, strict=True)  # only checks: detectron2's loader then loads the detector
         except ValueError as e:
             raise ValueError(self._relabel(e, filename, prefix)) from None
 
@@ -272,9 +279,8 @@ class MViTv2Checkpointer(DetectionCheckpointer):
 
 class AtomicCheckpointer(MViTv2Checkpointer):
     """``MViTv2Checkpointer`` whose files are always complete: write to ``<file>.tmp<pid>.<random>``, then
-    ``os.replace`` (:mod:`mvit_det.utils.atomic`).
-
-    Pass ``require_all=True`` when the loaded weights are used as they are (``--eval-only``).
+    ``os.replace`` (:mod:`mvit_det.utils.atomic`). The trainer saves with it; loading, resuming included, goes
+    through ``MViTv2Checkpointer``.
     """
 
     def save(self, name: str, **kwargs: Any) -> None:

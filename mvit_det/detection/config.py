@@ -2,7 +2,7 @@
 
 detectron2's yacs ``build_optimizer`` only makes SGD and its ``DatasetMapper`` can only crop every
 image, so the MViTv2 recipe (AdamW; a 50% "resize to 400-600, then crop" branch before the multi-scale
-resize) needs :func:`build_optimizer` and :func:`build_augmentation`. A ``train_net.py`` uses them as::
+resize) needs :func:`build_yacs_optimizer` and :func:`build_augmentation`. A ``train_net.py`` uses them as::
 
     class Trainer(DefaultTrainer):
         @classmethod
@@ -34,7 +34,7 @@ __all__ = [
     "NO_WEIGHT_DECAY_PARAMS",
     "add_mvitv2_config",
     "build_augmentation",
-    "build_optimizer",
+    "build_yacs_optimizer",
     "check_lazy_overrides",
     "unknown_yacs_key_message",
 ]
@@ -57,7 +57,7 @@ def add_mvitv2_config(cfg: CN) -> CN:
             H 0.6, stored in ``backbone.DET_DROP_PATH``).
         ACT_CHECKPOINT: recompute blocks in the backward pass (``torch.utils.checkpoint``).
         PRETRAIN_IMG_SIZE: ImageNet resolution of the initial checkpoint (sizes the rel-pos tables).
-    ``SOLVER.OPTIMIZER`` ("SGD" or "AdamW") and ``SOLVER.BETAS``: read by :func:`build_optimizer`.
+    ``SOLVER.OPTIMIZER`` ("SGD" or "AdamW") and ``SOLVER.BETAS``: read by :func:`build_yacs_optimizer`.
     ``INPUT.CROP.PROB`` and ``INPUT.CROP.PRE_RESIZE_SHORT_EDGE``: read by :func:`build_augmentation`.
     """
     if "MVIT" in cfg.MODEL:
@@ -101,7 +101,7 @@ def build_augmentation(cfg: CN, is_train: bool) -> list[T.Augmentation]:
     return augs
 
 
-def build_optimizer(cfg: CN, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_yacs_optimizer(cfg: CN, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW (``cfg.SOLVER.OPTIMIZER``) with the MViTv2 parameter groups.
 
     Norm layers get ``SOLVER.WEIGHT_DECAY_NORM``, rel-pos tables no weight decay, everything else

@@ -45,7 +45,7 @@ from .builders import (
     build_evaluator, build_lr_scheduler, build_model, build_optimizer, build_test_loader, build_train_loader,
     check_num_classes,
 )
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, MViTv2Checkpointer
 from .resume import TrainLoaderState, remove_unfinished_checkpoints
 from .run_config import AnyConfig, is_lazy, run_settings
 
@@ -263,8 +263,10 @@ def do_train(cfg: AnyConfig, resume: bool = False, model: Optional[nn.Module] = 
                 "Removed %d unfinished checkpoint file(s) left by a job killed while saving: %s",
                 len(removed), ", ".join(removed),
             )  # fmt: skip
-    checkpointer.resume_or_load(s.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    # Loading (ImageNet formats, resume with the trainer's state) is MViTv2Checkpointer's; the saver only writes.
+    loader = MViTv2Checkpointer(model, s.output_dir, trainer=trainer, **checkpointables)
+    loader.resume_or_load(s.init_checkpoint, resume=resume)
+    start_iter = trainer.iter + 1 if resume and loader.has_checkpoint() else 0
     if start_iter:
         logger.info("Resuming from %s at iteration %d.", checkpointer.get_checkpoint_file(), start_iter)
         skipped = data_state.skip_batches(start_iter)

@@ -19,9 +19,9 @@ _FB_URL = "https://dl.fbaipublicfiles.com/mvit/mvitv2_models/"
 
 @dataclass(frozen=True)
 class ModelCard:
-    """A published checkpoint: architecture overrides, classes and where to download it."""
+    """A published checkpoint: its size, architecture overrides, classes and where to download it."""
 
-    arch: str
+    size: str  # a name of ARCHS: "tiny" ... "huge"
     url: str
     num_classes: int = 1000
     expand_attn: bool = True
@@ -33,7 +33,7 @@ class ModelCard:
     def build(self, **overrides) -> MViTv2:
         kwargs = dict(num_classes=self.num_classes, expand_attn=self.expand_attn, cls_token=self.cls_token)
         kwargs.update(overrides)
-        return MViTv2(self.arch, **kwargs)
+        return MViTv2(self.size, **kwargs)
 
 
 MODEL_CARDS: dict[str, ModelCard] = {
