@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's train.max_iter)")
     p.add_argument("--output-dir", default=os.path.join("output", "main_job"))
     p.add_argument(
-        "--pretrain-epochs", type=int, default=4,
+        "--pretrain-epochs", type=int, default=6,
         help="epochs of digits classification that initialise the trunk (0: random initialisation)",
     )
     p.add_argument(
