@@ -23,14 +23,15 @@ what the toy data make reasonable differs, each change said where it is made bel
   with the optimizer state).
 
 Measured (issue 11 asks for box AP 30): from random initialisation, the recipe reached box AP 12.3-15.4 (README, main
-job). Both halves were weak: class-agnostic box AP 21.5 (AP50 51), and 45 of the 101 val shapes found at IoU 0.5
-given the right class. An MViTv2-T classifier trained from random weights on crops of the toy shapes stayed at chance
-(33% after 135 steps at batch 32; 55-70% on the same crops as binary masks): colour-invariant shape is slow to learn
-from scratch. Initialising the trunk from the digits classifier raised box AP to 18.2-27.1 over the runs made on
-2026-11-30 (the one at 27.1: class-agnostic AP 31.5, 65 of 101 shapes found with the right class) (see the README for the measured time and AP of ``make demo``). Variants tried from random
-initialisation: LR 4e-4 12.1, LR 8e-4 diverged, GroupNorm in FPN and mask head 13.2, RoI pooler
-``canonical_box_size=56`` 12.0, batch 1 for 800 iterations 11.0, 5x LR on the heads unstable, a 2-conv GroupNorm box
-head 2.4-3.2.
+job). Both halves were weak: class-agnostic box AP 21.5 (AP50 51), and 45 of the 101 val shapes found at IoU 0.5 given
+the right class. An MViTv2-T classifier trained from random weights on crops of the toy shapes stayed at chance (33%
+after 135 steps at batch 32; 55-70% on the same crops as binary masks): colour-invariant shape is slow to learn from
+scratch (the same digits, recoloured with random foreground and background colours, stayed at chance too: 9.5% after
+the 6 epochs that give 96% on the grey ones). Initialising the trunk from the digits classifier raised box AP to
+18.2-27.1 over the runs made on 2026-11-30 (the one at 27.1: class-agnostic AP 31.5, 65 of 101 shapes found with the
+right class); the README gives the time and AP of ``make demo``. Variants tried from random initialisation: LR 4e-4
+12.1, LR 8e-4 diverged, GroupNorm in FPN and mask head 13.2, RoI pooler ``canonical_box_size=56`` 12.0, batch 1 for
+800 iterations 11.0, 5x LR on the heads unstable, a 2-conv GroupNorm box head 2.4-3.2.
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
