@@ -84,6 +84,31 @@ def test_keys_match_detectron2_mvit():
     assert "bottom_up.blocks.9.attn.rel_pos_h" in ours and "bottom_up.scale5_norm.weight" in ours
 
 
+@pytest.mark.parametrize("window", [0, 16])
+def test_window_size_matches_detectron2_mvit(window):
+    """window_size is detectron2's MViT(adaptive_window_size=...): 0 attends globally in every block, 16 uses smaller
+    windows; both give detectron2's outputs with the same weights, and 0 differs from the default 56."""
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    ref = MViT(adaptive_window_size=window, **kwargs).eval()
+    for p in ref.parameters():  # rel-pos tables start at zero; random values make them count
+        nn.init.normal_(p, std=0.05)
+    ours = MViTv2Backbone("tiny", window_size=window).eval()
+    ours.load_state_dict(ref.state_dict())
+    default = MViTv2Backbone("tiny").eval()
+    default.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected, got, windowed = ref(x), ours(x), default(x)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-4), name
+    if window == 0:  # at 96x128 every map is smaller than a 56-token window: padding changes the result
+        assert not torch.allclose(windowed["scale5"], got["scale5"], atol=1e-3)
+    assert build_backbone(yacs_cfg(opts=["MODEL.MVIT.WINDOW_SIZE", str(window)])).bottom_up.specs[0].window_size == window
+    with pytest.raises(ValueError, match="window_size must be 0"):
+        MViTv2Backbone("tiny", window_size=20)
+
+
 def test_yacs_sizes_and_options():
     backbone = build_backbone(yacs_cfg("mvitv2_s_cascade.yaml"))
     bottom_up = backbone.bottom_up

@@ -22,7 +22,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 
 from ..models import ARCHS, MViTv2, get_arch
-from ..models.mvitv2 import STAGE_NAMES, STAGE_STRIDES
+from ..models.mvitv2 import STAGE_NAMES, STAGE_STRIDES, WINDOW_SIZE
 
 __all__ = [
     "MViTv2Backbone",
@@ -54,6 +54,8 @@ class MViTv2Backbone(MViTv2, Backbone):
             compute for memory, used for H).
         pretrain_img_size: ImageNet resolution of the checkpoint; sizes the rel-pos tables, which are
             interpolated for other inputs.
+        window_size: stage 1's attention window in tokens (detectron2's 56, halved per stage); 0 for global
+            attention in every block (cheaper, and no attention to padding, when inputs are small).
         in_chans: input channels.
 
     Input: (B, in_chans, H, W), normalised. Any H, W >= 32 works; the detector pads to ``size_divisibility``
@@ -70,6 +72,7 @@ class MViTv2Backbone(MViTv2, Backbone):
         drop_path_rate: Optional[float] = None,
         act_checkpoint: bool = False,
         pretrain_img_size: int = 224,
+        window_size: int = WINDOW_SIZE,
         in_chans: int = 3,
     ):
         arch = get_arch(size)
@@ -79,6 +82,7 @@ class MViTv2Backbone(MViTv2, Backbone):
             out_features=out_features,
             in_chans=in_chans,
             pretrain_img_size=pretrain_img_size,
+            window_size=window_size,
             drop_path_rate=det_drop_path(size) if drop_path_rate is None else drop_path_rate,
             act_checkpoint=act_checkpoint,
         )
@@ -127,6 +131,7 @@ def build_mvitv2_backbone(cfg, input_shape: ShapeSpec) -> MViTv2Backbone:
         drop_path_rate=mcfg.DROP_PATH_RATE,
         act_checkpoint=mcfg.ACT_CHECKPOINT,
         pretrain_img_size=mcfg.PRETRAIN_IMG_SIZE,
+        window_size=mcfg.WINDOW_SIZE,
         in_chans=input_shape.channels,
     )
 

@@ -27,7 +27,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig
 
-from ..models.mvitv2 import NO_WEIGHT_DECAY
+from ..models.mvitv2 import NO_WEIGHT_DECAY, WINDOW_SIZE
 from ..utils.hints import did_you_mean
 
 __all__ = [
@@ -57,6 +57,7 @@ def add_mvitv2_config(cfg: CN) -> CN:
             H 0.6, stored in ``backbone.DET_DROP_PATH``).
         ACT_CHECKPOINT: recompute blocks in the backward pass (``torch.utils.checkpoint``).
         PRETRAIN_IMG_SIZE: ImageNet resolution of the initial checkpoint (sizes the rel-pos tables).
+        WINDOW_SIZE: stage 1's attention window in tokens (56, halved per stage); 0: global attention.
     ``SOLVER.OPTIMIZER`` ("SGD" or "AdamW") and ``SOLVER.BETAS``: read by :func:`build_yacs_optimizer`.
     ``INPUT.CROP.PROB`` and ``INPUT.CROP.PRE_RESIZE_SHORT_EDGE``: read by :func:`build_augmentation`.
     """
@@ -68,6 +69,7 @@ def add_mvitv2_config(cfg: CN) -> CN:
     cfg.MODEL.MVIT.DROP_PATH_RATE = None
     cfg.MODEL.MVIT.ACT_CHECKPOINT = False
     cfg.MODEL.MVIT.PRETRAIN_IMG_SIZE = 224
+    cfg.MODEL.MVIT.WINDOW_SIZE = WINDOW_SIZE
 
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)

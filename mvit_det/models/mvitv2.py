@@ -111,6 +111,7 @@ def block_specs(
     expand_attn: bool = True,
     detection: bool = False,
     pretrain_img_size: int = 224,
+    window_size: int = WINDOW_SIZE,
 ) -> list[BlockSpec]:
     """Per-block geometry.
 
@@ -122,11 +123,13 @@ def block_specs(
 
     In detection mode the blocks follow detectron2's hybrid window attention: windowed everywhere except
     the last block of stages 2-4, whose global attention uses a doubled kv stride in stages 2 and 3.
+    ``window_size`` is the window side of stage 1 in pre-pooling tokens, halved at each later stage;
+    0 makes every block attend globally (detectron2's ``MViT(adaptive_window_size=0)`` does the same).
     """
     specs: list[BlockSpec] = []
     lbi = arch.last_block_indexes
     grid = pretrain_img_size // PATCH_STRIDE
-    kv_stride, window = KV_STRIDE, WINDOW_SIZE
+    kv_stride, window = KV_STRIDE, window_size
     i = 0
     for s, depth in enumerate(arch.depths):
         for j in range(depth):
@@ -149,7 +152,7 @@ def block_specs(
                     stride_q=2 if first else 1,
                     stride_kv=stride_kv,
                     expand_attn=expand_attn,
-                    window_size=0 if (not detection or is_global) else window,
+                    window_size=0 if (not detection or is_global or not window) else window,
                     rel_pos_grid=grid,
                 )
             )
@@ -175,6 +178,9 @@ class MViTv2(nn.Module):
         out_features: detection outputs to produce, a subset of ``scale2..scale5``.
         pretrain_img_size: input side the rel-pos tables are sized for. Any input size works; tables are
             resized on the fly.
+        window_size: detection mode only: the window side of stage 1 in pre-pooling tokens (detectron2's MViT
+            ``adaptive_window_size``, 56, halved at each later stage); 0 for global attention in every block,
+            which costs less and attends to no padding when every feature map is smaller than its window.
         drop_path_rate: stochastic depth, rising linearly from 0 over the blocks.
         drop_rate: dropout before the classifier.
         act_checkpoint: recompute block activations in the backward pass (``torch.utils.checkpoint``).
@@ -196,6 +202,7 @@ class MViTv2(nn.Module):
         out_features: Sequence[str] = STAGE_NAMES,
         in_chans: int = 3,
         pretrain_img_size: int = 224,
+        window_size: int = WINDOW_SIZE,
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
         act_checkpoint: bool = False,
@@ -220,7 +227,14 @@ class MViTv2(nn.Module):
         self.act_checkpoint = act_checkpoint
         self.out_features = tuple(f for f in STAGE_NAMES if f in out_features) if detection else ()
 
-        specs = block_specs(self.arch, expand_attn=expand_attn, detection=detection, pretrain_img_size=pretrain_img_size)
+        if window_size < 0 or (window_size and window_size % 8):
+            raise ValueError(
+                f"window_size must be 0 (global attention) or a multiple of 8 (it is halved three times), got {window_size}."
+            )
+        specs = block_specs(
+            self.arch, expand_attn=expand_attn, detection=detection, pretrain_img_size=pretrain_img_size,
+            window_size=window_size,
+        )  # fmt: skip
         self.specs = specs
         self.patch_embed = PatchEmbed(in_chans, self.arch.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.arch.embed_dim)) if cls_token else None
