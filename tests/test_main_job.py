@@ -49,3 +49,20 @@ def test_overrides_name_the_pretrained_trunk_and_the_user_wins():
     assert not any(o.startswith(("train.init_checkpoint", "model.backbone")) for o in scratch)
     with pytest.raises(SystemExit):
         main_job.parse_args(["--pretrain-epochs", "-1"])
+
+
+def test_drawing_keeps_the_best_class_per_object():
+    """The detector's NMS is per class; the drawing keeps the best-scoring box where classes overlap."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    from tools import main_job
+
+    inst = Instances((100, 100))
+    inst.pred_boxes = Boxes(torch.tensor([[10.0, 10, 50, 50], [11, 11, 50, 51], [60, 60, 90, 90], [12, 10, 49, 50]]))
+    inst.scores = torch.tensor([0.6, 0.8, 0.5, 0.2])
+    inst.pred_classes = torch.tensor([0, 1, 2, 2])
+    shown = main_job.shown_detections(inst, 0.3)
+    assert shown.pred_classes.tolist() == [1, 2] and shown.scores.tolist() == pytest.approx([0.8, 0.5])
+    assert len(main_job.shown_detections(inst, 0.3, all_classes=True)) == 3
+    assert len(main_job.shown_detections(inst, 0.9)) == 0
