@@ -39,7 +39,8 @@ def _train_net(*args: str) -> subprocess.CompletedProcess:
         ("train.max_itr=10", "Unknown config key 'train.max_itr': train has no entry 'max_itr'. Did you mean 'max_iter'?"),
         ("model.backbone.bottom_up.sise=small",
          "Unknown config key 'model.backbone.bottom_up.sise': model.backbone.bottom_up has no entry 'sise'. Did you "
-         "mean 'size'? Keys there: act_checkpoint, drop_path_rate, in_chans, out_features, pretrain_img_size, size."),
+         "mean 'size'? Keys there: act_checkpoint, drop_path_rate, in_chans, out_features, pretrain_img_size, size, "
+         "window_size."),
         ("trian.max_iter=10", "Unknown config key 'trian.max_iter': the config has no entry 'trian'. Did you mean 'train'?"),
         ("dataloader.train.mapper.augmentations.7.short_edge_length=[64]",
          "Unknown config key 'dataloader.train.mapper.augmentations.7.short_edge_length': "
