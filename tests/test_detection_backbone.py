@@ -89,7 +89,9 @@ def test_window_size_matches_detectron2_mvit(window):
     """window_size is detectron2's MViT(adaptive_window_size=...): 0 attends globally in every block, 16 uses smaller
     windows; both give detectron2's outputs with the same weights, and 0 differs from the default 56."""
     torch.manual_seed(0)
-    kwargs = dict(embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    kwargs = dict(
+        embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), norm_layer=partial(nn.LayerNorm, eps=1e-6)
+    )
     ref = MViT(adaptive_window_size=window, **kwargs).eval()
     for p in ref.parameters():  # rel-pos tables start at zero; random values make them count
         nn.init.normal_(p, std=0.05)
@@ -104,7 +106,8 @@ def test_window_size_matches_detectron2_mvit(window):
         assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-4), name
     if window == 0:  # at 96x128 every map is smaller than a 56-token window: padding changes the result
         assert not torch.allclose(windowed["scale5"], got["scale5"], atol=1e-3)
-    assert build_backbone(yacs_cfg(opts=["MODEL.MVIT.WINDOW_SIZE", str(window)])).bottom_up.specs[0].window_size == window
+    yacs_backbone = build_backbone(yacs_cfg(opts=["MODEL.MVIT.WINDOW_SIZE", str(window)]))
+    assert yacs_backbone.bottom_up.specs[0].window_size == window
     with pytest.raises(ValueError, match="window_size must be 0"):
         MViTv2Backbone("tiny", window_size=20)
 

@@ -220,7 +220,7 @@ def test_toy_yacs_twin_equals_toy_lazyconfig():
     assert (cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, cfg.MODEL.RPN.PRE_NMS_TOPK_TEST) == tuple(rpn.pre_nms_topk)
     assert (cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, cfg.MODEL.RPN.POST_NMS_TOPK_TEST) == tuple(rpn.post_nms_topk)
     assert cfg.MODEL.MVIT.DROP_PATH_RATE == lazy.model.backbone.bottom_up.drop_path_rate
-    heads = (lazy.model.proposal_generator.head.in_channels, roi.box_head.input_shape.channels, roi.mask_head.input_shape.channels)
+    heads = (rpn.head.in_channels, roi.box_head.input_shape.channels, roi.mask_head.input_shape.channels)
     assert cfg.MODEL.FPN.OUT_CHANNELS == lazy.model.backbone.out_channels == 128 and heads == (128, 128, 128)
     assert [list(s) for s in cfg.MODEL.ANCHOR_GENERATOR.SIZES] == [list(s) for s in rpn.anchor_generator.sizes]
     assert [list(s) for s in rpn.anchor_generator.sizes] == [[16], [32], [64], [128], [256]]

@@ -40,8 +40,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.structures import Instances  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from torchvision.ops import nms  # noqa: E402
 
@@ -99,7 +99,9 @@ def shown_detections(instances: Instances, threshold: float, all_classes: bool =
     return shown[keep]
 
 
-def _visualise(predictor: LazyPredictor, record: dict, out_dir: str, threshold: float, all_classes: bool) -> tuple[str, int]:
+def _visualise(
+    predictor: LazyPredictor, record: dict, out_dir: str, threshold: float, all_classes: bool
+) -> tuple[str, int]:
     """Write the ground truth (left) and the detections to draw (right) of one image as a PNG."""
     rgb = np.asarray(load_image(record["file_name"]))
     instances = predictor(rgb[:, :, ::-1].copy())["instances"].to("cpu")

@@ -23,7 +23,7 @@ what the toy data make reasonable differs, each change said where it is made bel
   32x32 inputs, so also ``model.backbone.bottom_up.pretrain_img_size=32``). The same two overrides work with
   detectron2's ``lazyconfig_train_net.py``;
 * no drop path, float32, batch 2, a short schedule (800 iterations), and only the newest periodic checkpoint kept
-  (about 500 MB each with the optimizer state).
+  (about 380 MB each with the optimizer state).
 
 Measured (issue 11 asks for box AP 30): from random initialisation, the recipe reached box AP 12.3-15.4 (README, main
 job). Both halves were weak: class-agnostic box AP 21.5 (AP50 51), and 45 of the 101 val shapes found at IoU 0.5 given
@@ -66,11 +66,13 @@ dataloader.test.num_workers = 1
 # -- model ------------------------------------------------------------------------------------------
 model.roi_heads.num_classes = 3
 model.backbone.bottom_up.drop_path_rate = 0.0
-# FPN, RPN head and RoI heads at 128 channels instead of 256 (see the docstring).
-model.backbone.out_channels = 128
-model.proposal_generator.head.in_channels = 128
-model.roi_heads.box_head.input_shape = ShapeSpec(channels=128, height=7, width=7)
-model.roi_heads.mask_head.input_shape = ShapeSpec(channels=128, height=14, width=14)
+# FPN, RPN head and RoI heads at 128 channels instead of 256 (see the docstring). The LazyConfig heads state their
+# input widths, so all four follow one number.
+FPN_CHANNELS = 128
+model.backbone.out_channels = FPN_CHANNELS
+model.proposal_generator.head.in_channels = FPN_CHANNELS
+model.roi_heads.box_head.input_shape = ShapeSpec(channels=FPN_CHANNELS, height=7, width=7)
+model.roi_heads.mask_head.input_shape = ShapeSpec(channels=FPN_CHANNELS, height=14, width=14)
 # Anchors halved (COCO: 32-512 on P2-P6): the shapes are 20-77 px at the input sizes above.
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 # At most 3 objects per image: a few hundred proposals lose no recall.
@@ -90,7 +92,7 @@ train.amp.enabled = False
 train.ddp.fp16_compression = False
 train.output_dir = "output/mvitv2_t_maskrcnn_toy"
 # 800 iterations: from the digits trunk, the box classifier starts to separate the shapes after about 450 (box AP
-# 18-27 at 450 over five runs, 29-45 at 700, 35-41 at 800; see the docstring).
+# 18-27 at 450 over five runs, 29-45 at 700, 35-44 at 800; see the docstring and the README).
 train.max_iter = 800
 train.checkpointer.period = 400
 train.checkpointer.max_to_keep = 1

@@ -229,7 +229,8 @@ class MViTv2(nn.Module):
 
         if window_size < 0 or (window_size and window_size % 8):
             raise ValueError(
-                f"window_size must be 0 (global attention) or a multiple of 8 (it is halved three times), got {window_size}."
+                "window_size must be 0 (global attention) or a multiple of 8 (it is halved three times), "
+                f"got {window_size}."
             )
         specs = block_specs(
             self.arch, expand_attn=expand_attn, detection=detection, pretrain_img_size=pretrain_img_size,
