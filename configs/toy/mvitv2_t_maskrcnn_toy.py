@@ -92,7 +92,7 @@ train.amp.enabled = False
 train.ddp.fp16_compression = False
 train.output_dir = "output/mvitv2_t_maskrcnn_toy"
 # 800 iterations: from the digits trunk, the box classifier starts to separate the shapes after about 450 (box AP
-# 18-27 at 450 over five runs, 29-45 at 700, 35-44 at 800; see the docstring and the README).
+# 18-27 at 450 over five runs, 29-45 at 700, 34.7-43.6 at 800; see the docstring and the README).
 train.max_iter = 800
 train.checkpointer.period = 400
 train.checkpointer.max_to_keep = 1
