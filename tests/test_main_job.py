@@ -66,3 +66,42 @@ def test_drawing_keeps_the_best_class_per_object():
     assert shown.pred_classes.tolist() == [1, 2] and shown.scores.tolist() == pytest.approx([0.8, 0.5])
     assert len(main_job.shown_detections(inst, 0.3, all_classes=True)) == 3
     assert len(main_job.shown_detections(inst, 0.9)) == 0
+
+
+def test_openmp_wait_policy_follows_the_load_at_start(monkeypatch):
+    """Spinning OpenMP threads are faster on an idle CPU and collapse on a busy one: PASSIVE only when busy."""
+    import os
+
+    env: dict[str, str] = {}
+    monkeypatch.setattr(main_job, "busy_cpus", lambda: 0.0)
+    assert "idle" in main_job.choose_omp_wait_policy(env) and "OMP_WAIT_POLICY" not in env
+    monkeypatch.setattr(main_job, "busy_cpus", lambda: float(os.cpu_count() or 1))
+    assert main_job.choose_omp_wait_policy(env).startswith("OMP_WAIT_POLICY=PASSIVE (")
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setattr(main_job, "busy_cpus", lambda: None)  # no /proc/loadavg: the safe choice
+    env = {}
+    assert "no /proc/loadavg" in main_job.choose_omp_wait_policy(env) and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}  # the caller's setting wins
+    assert main_job.choose_omp_wait_policy(env) == "OMP_WAIT_POLICY=ACTIVE (set by the caller)"
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.undo()
+    if os.path.exists("/proc/loadavg"):
+        assert main_job.busy_cpus(samples=3, interval=0.0) >= 0
+
+
+def test_openmp_wait_policy_is_chosen_before_torch_loads():
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import os, sys; import tools.main_job as m; "
+        "print(repr(os.environ.get('OMP_WAIT_POLICY')), 'torch' in sys.modules, m.OMP_CHOICE, sep='|')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    policy, torch_loaded, choice = out.stdout.strip().splitlines()[-1].split("|")
+    assert torch_loaded == "True"  # main_job loads torch, after the choice
+    assert (policy, choice.startswith("OMP_WAIT_POLICY=PASSIVE")) in {("'PASSIVE'", True), ("None", False)}, choice
