@@ -56,8 +56,6 @@ def test_drawing_keeps_the_best_class_per_object():
     import torch
     from detectron2.structures import Boxes, Instances
 
-    from tools import main_job
-
     inst = Instances((100, 100))
     inst.pred_boxes = Boxes(torch.tensor([[10.0, 10, 50, 50], [11, 11, 50, 51], [60, 60, 90, 90], [12, 10, 49, 50]]))
     inst.scores = torch.tensor([0.6, 0.8, 0.5, 0.2])
@@ -73,9 +71,9 @@ def test_openmp_wait_policy_follows_the_load_at_start(monkeypatch):
     import os
 
     env: dict[str, str] = {}
-    monkeypatch.setattr(main_job, "busy_cpus", lambda: 0.0)
+    monkeypatch.setattr(main_job, "busy_cpus", lambda: 0)
     assert "idle" in main_job.choose_omp_wait_policy(env) and "OMP_WAIT_POLICY" not in env
-    monkeypatch.setattr(main_job, "busy_cpus", lambda: float(os.cpu_count() or 1))
+    monkeypatch.setattr(main_job, "busy_cpus", lambda: os.cpu_count() or 1)
     assert main_job.choose_omp_wait_policy(env).startswith("OMP_WAIT_POLICY=PASSIVE (")
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setattr(main_job, "busy_cpus", lambda: None)  # no /proc/loadavg: the safe choice

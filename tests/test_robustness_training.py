@@ -114,7 +114,8 @@ def test_sigkill_mid_save_then_resume_matches_an_uninterrupted_run(data, tmp_pat
 def test_exploding_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data, tmp_path):
     """The learning rate jumps to 1e30x from iteration 2 (the multiplier's milestones count 300 steps, set here
     rather than taken from the config's max_iter, over the 8 iterations), so the weights blow up and iteration 3
-    sees Inf/NaN: in the loss, or already in detectron2's RPN, which raises its own FloatingPointError. Either way training stops before that update, with exit code 3."""
+    sees Inf/NaN: in the loss, or already in detectron2's RPN, which raises its own FloatingPointError. Either way
+    training stops before that update, with exit code 3."""
     out = tmp_path / "nan"
     proc = _run(_args(data, out, "lr_multiplier.scheduler.values=[1.0,1e30,1e30]",
                       "lr_multiplier.scheduler.milestones=[70,280]", "lr_multiplier.scheduler.num_updates=300",

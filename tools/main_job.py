@@ -33,7 +33,7 @@ import sys
 import time
 
 
-def busy_cpus(samples: int = 5, interval: float = 0.05) -> float | None:
+def busy_cpus(samples: int = 5, interval: float = 0.05) -> int | None:
     """Tasks runnable now besides this one (the median of ``samples`` reads of /proc/loadavg's running count, which
     counts the reader); None where there is no /proc/loadavg."""
     counts = []
@@ -45,7 +45,7 @@ def busy_cpus(samples: int = 5, interval: float = 0.05) -> float | None:
             return None
         if i + 1 < samples:
             time.sleep(interval)
-    return float(sorted(counts)[len(counts) // 2])
+    return sorted(counts)[len(counts) // 2]
 
 
 def choose_omp_wait_policy(environ=os.environ) -> str:
@@ -63,9 +63,9 @@ def choose_omp_wait_policy(environ=os.environ) -> str:
     busy, cpus = busy_cpus(), os.cpu_count() or 1
     if busy is None or busy >= max(1, cpus // 2):
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        found = "no /proc/loadavg" if busy is None else f"{busy:.0f} other runnable task(s) on {cpus} CPUs"
+        found = "no /proc/loadavg" if busy is None else f"{busy} other runnable task(s) on {cpus} CPUs"
         return f"OMP_WAIT_POLICY=PASSIVE ({found})"
-    return f"OpenMP's default wait policy (the CPU is idle: {busy:.0f} other runnable task(s) on {cpus} CPUs)"
+    return f"OpenMP's default wait policy (the CPU is idle: {busy} other runnable task(s) on {cpus} CPUs)"
 
 
 # Before the imports below load torch, and with it OpenMP; imported after torch (as by the tests), it is too late.

@@ -129,8 +129,7 @@ class PoolingAttention(nn.Module):
         if not self.has_cls_token:
             return self._biased_attention(q, k, v, q_hw, kv_hw)
         bias = rel_pos_bias(q[:, 1:], q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
-        bias = F.pad(bias, (1, 0, 1, 0))  # no positional bias to or from the class token
-        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
+        return _attend(q, k, v, F.pad(bias, (1, 0, 1, 0)))  # no positional bias to or from the class token
 
     def _biased_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
         """(B, Nq, heads, c) queries, (B, Nk, heads, c) keys and values -> (B, Nq, heads, c), with the rel-pos bias;
@@ -138,21 +137,20 @@ class PoolingAttention(nn.Module):
         b, nq, heads = q.shape[:3]
         per_image = heads * nq * k.shape[1] * q.element_size()
         if b * per_image <= BIAS_WHOLE_BYTES or torch.is_grad_enabled() or torch.jit.is_tracing():
-            return self._attend(q, k, v, q_hw, kv_hw)
+            return self._attend_rows(q, k, v, q_hw, kv_hw)
         images = max(1, BIAS_CHUNK_BYTES // per_image)
         q_w, rows = q_hw[1], nq // q_hw[1]
         row_step = rows if images > 1 else max(1, BIAS_CHUNK_BYTES * rows // per_image)
         parts = []
         for i in range(0, b, images):
             qi, ki, vi = q[i : i + images], k[i : i + images], v[i : i + images]
-            parts.append(_cat([self._attend(qi[:, r * q_w : (r + row_step) * q_w], ki, vi, q_hw, kv_hw, r)
+            parts.append(_cat([self._attend_rows(qi[:, r * q_w : (r + row_step) * q_w], ki, vi, q_hw, kv_hw, r)
                                for r in range(0, rows, row_step)], 1))  # fmt: skip
         return _cat(parts, 0)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, first_row: int = 0) -> Tensor:
+    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, first_row: int = 0) -> Tensor:
         """Queries are the rows ``first_row``.. of the q grid: (B, rows * q_w, heads, c) -> the same shape."""
-        bias = rel_pos_bias(q, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w, first_row)
-        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
+        return _attend(q, k, v, rel_pos_bias(q, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w, first_row))
 
     def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
         """(B, N, heads, c) each -> (B, Nq, heads, c), attending within windows."""
@@ -166,6 +164,11 @@ class PoolingAttention(nn.Module):
         out = out.reshape(out.shape[0], -1, h * c)
         out = window_unpartition(out, qw, q_pad_hw, q_hw)
         return out.reshape(b, q_hw[0] * q_hw[1], h, c)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """(B, N, heads, c) tokens and a (B, heads, Nq, Nk) bias -> (B, Nq, heads, c)."""
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias).transpose(1, 2)
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
