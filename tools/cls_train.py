@@ -15,11 +15,18 @@ import logging
 import os
 import sys
 
-# Set before torch loads OpenMP: spinning OpenMP threads collapse on a shared or oversubscribed CPU (measured on a
-# loaded 2-vCPU machine: MViTv2-T forward+backward, batch 32 at 32x32, 60 s with the default policy, 0.8-1.8 s
-# with PASSIVE).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch
+if __package__:  # imported as tools.cls_train (the tests)
+    from .openmp_policy import choose_omp_wait_policy, processes_from_argv
+else:  # run as a script: tools/ is on sys.path
+    from openmp_policy import choose_omp_wait_policy, processes_from_argv
+
+# Before torch loads OpenMP: spinning threads help on an idle CPU and collapse on a shared one (tools/openmp_policy.py).
+OMP_CHOICE = (
+    choose_omp_wait_policy(processes=processes_from_argv(sys.argv[1:]))
+    if "torch" not in sys.modules
+    else "the policy torch was loaded with"
+)
+import torch  # noqa: E402
 
 from mvit_det.checkpoint import DownloadError
 from mvit_det.classification.datasets import LAYOUTS, DatasetError
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="[%(levelname)s] %(message)s")
+    logging.getLogger("mvit_det.cls_train").info("OpenMP: %s", OMP_CHOICE)
     if args.num_procs > 1 and torchrun:
         parser.error("--num-procs cannot be combined with torchrun: torchrun already started the processes.")
     if args.num_procs > 1 and (args.device == "cuda" or (args.device is None and torch.cuda.is_available())):

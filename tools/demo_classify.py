@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# Set before torch loads OpenMP: spinning OpenMP threads collapse on a shared or oversubscribed CPU (measured on a
-# loaded 2-vCPU machine: MViTv2-T forward+backward, batch 32 at 32x32, 60 s with the default policy, 0.8-1.8 s
-# with PASSIVE).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from mvit_det.utils.atomic import atomic_open
+
 REPO = Path(__file__).resolve().parents[1]
-from mvit_det.utils.atomic import atomic_open  # noqa: E402
 
 CONFIG = REPO / "configs" / "classification" / "digits_tiny.yaml"
 

@@ -32,41 +32,10 @@ import os
 import sys
 import time
 
-
-def busy_cpus(samples: int = 5, interval: float = 0.05) -> int | None:
-    """Tasks runnable now besides this one (the median of ``samples`` reads of /proc/loadavg's running count, which
-    counts the reader); None where there is no /proc/loadavg."""
-    counts = []
-    for i in range(samples):
-        try:
-            with open("/proc/loadavg") as f:
-                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
-        except (OSError, IndexError, ValueError):
-            return None
-        if i + 1 < samples:
-            time.sleep(interval)
-    return sorted(counts)[len(counts) // 2]
-
-
-def choose_omp_wait_policy(environ=os.environ) -> str:
-    """Set OpenMP's wait policy for this process before torch loads OpenMP (it reads it once); return why.
-
-    OpenMP's default lets a thread that waits between two parallel regions spin briefly before it sleeps. On an
-    idle 2-vCPU machine that makes one toy-detector iteration 0.40 s instead of 0.50 s with PASSIVE (threads sleep
-    at once) and the digits pre-training 143 images/s instead of 110. On a CPU busy with other work the spinning
-    steals time from the threads doing the work: one pre-training step took 1.44 s against 0.33 s with PASSIVE beside
-    two other jobs. So the default where the CPU is idle at the start, else PASSIVE (as tools/cls_train.py always
-    does); an OMP_WAIT_POLICY already set wins.
-    """
-    if environ.get("OMP_WAIT_POLICY"):
-        return f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']} (set by the caller)"
-    busy, cpus = busy_cpus(), os.cpu_count() or 1
-    if busy is None or busy >= max(1, cpus // 2):
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        found = "no /proc/loadavg" if busy is None else f"{busy} other runnable task(s) on {cpus} CPUs"
-        return f"OMP_WAIT_POLICY=PASSIVE ({found})"
-    return f"OpenMP's default wait policy (the CPU is idle: {busy} other runnable task(s) on {cpus} CPUs)"
-
+if __package__:  # imported as tools.main_job (the tests)
+    from .openmp_policy import choose_omp_wait_policy
+else:  # run as a script: tools/ is on sys.path
+    from openmp_policy import choose_omp_wait_policy
 
 # Before the imports below load torch, and with it OpenMP; imported after torch (as by the tests), it is too late.
 OMP_CHOICE = choose_omp_wait_policy() if "torch" not in sys.modules else "the policy torch was loaded with"
