@@ -239,6 +239,22 @@ def test_toy_yacs_twin_equals_toy_lazyconfig():
         assert yacs_augs == [describe(a) for a in instantiate(mapper.augmentations)]
 
 
+def test_toy_shapes_pool_from_the_fpn_level_of_their_relative_size():
+    """At the toy inputs every shape is under 112 px: with COCO's canonical_box_size (224) all pool from P2."""
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+    from detectron2.structures import Boxes
+
+    roi = load("toy/mvitv2_t_maskrcnn_toy").model.roi_heads
+    assert roi.box_pooler.canonical_box_size == roi.mask_pooler.canonical_box_size == 56
+    sides = torch.tensor([20.0, 40.0, 77.0])  # the smallest, a middle and the largest shape at short side 128
+    boxes = [Boxes(torch.stack([torch.zeros(3), torch.zeros(3), sides, sides], dim=1))]
+    levels = [
+        (assign_boxes_to_levels(boxes, 2, 5, canonical, 4) + 2).tolist()
+        for canonical in (roi.box_pooler.canonical_box_size, 224)
+    ]
+    assert levels == [[2, 3, 4], [2, 2, 2]]
+
+
 def test_build_augmentation_default_is_detectron2s():
     cfg = get_cfg()
     add_mvitv2_config(cfg)

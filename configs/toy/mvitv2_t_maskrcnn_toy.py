@@ -12,6 +12,9 @@ what the toy data make reasonable differs, each change said where it is made bel
   the stride-4 level cost about as much as the trunk (an iteration takes 27 % less time: 0.69 -> 0.51 s on the idle
   2-vCPU AVX-512 machine, 0.53 s there capped to AVX2);
 * RoIs: fewer proposals and 32 sampled RoIs per image with half of them positive (at most 3 objects per image);
+* RoI pooling levels: ``canonical_box_size=56`` instead of 224, so that a shape pools from the FPN level a COCO object
+  of its relative size would (P2-P4 instead of P2 for all): at these inputs every box is under 112 px, the size at
+  which the COCO setting leaves P2, so the box and mask heads saw only the shallowest features;
 * mask head: one 128-channel 3x3 conv (+ the 128-channel 2x upsampling) instead of four 256-channel convs; on the
   CPU the four convs over the positive RoIs were the largest cost of an iteration (convolution forward and backward
   about half of the 2.7 s), and a single conv is enough for the masks of filled polygons;
@@ -36,7 +39,10 @@ right class), all after 450 iterations; 700 iterations gave 44.8 and 38.9 with 2
 This file's 800 iterations at 128 channels gave box AP 40.9 (AP50 65.7), mask AP 36.4 in one run. The runs of
 2026-11-30 with the 4-epoch digits trunk (96.7% top-1) or with global attention in every trunk block
 (``model.backbone.bottom_up.window_size=0``, 9 % faster at these inputs, where every feature map is smaller than
-one window) gave 28.9-34.7 at 700-800 iterations, within the spread but not above it. The README gives the time
+one window) gave 28.9-34.7 at 700-800 iterations, within the spread but not above it. Single runs of 2026-12-01 from
+the digits trunk, before the RoI-level change (one thread each, two at a time): box head FCs of 256 instead of 1024
+(8 % faster) 35.6 and 33.6, with global attention 30.6 and 25.2; the trunk at 0.25x LR 35.9; the RoI heads at 3x LR
+37.7; batch 4 for 400 iterations 29.4 (LR 2e-4) and 27.7 (3e-4); none kept. The README gives the time
 and AP of ``make demo``. Variants tried from random initialisation: LR 4e-4 12.1, LR 8e-4 diverged, GroupNorm in FPN
 and mask head 13.2, RoI pooler ``canonical_box_size=56`` 12.0, batch 1 for 800 iterations 11.0, 5x LR on the heads
 unstable, a 2-conv GroupNorm box head 2.4-3.2.
@@ -78,6 +84,12 @@ model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256
 # At most 3 objects per image: a few hundred proposals lose no recall.
 model.proposal_generator.pre_nms_topk = (500, 250)
 model.proposal_generator.post_nms_topk = (200, 100)
+# Level k = 4 + log2(sqrt(box area) / 56): the 20-77 px shapes pool from P2-P4, as 120-460 px COCO objects (the
+# same shapes at COCO input sizes) do with 224; with 224 all of them pool from P2. Box AP over three 800-iteration
+# runs (2026-12-01): 46.2, 44.1 and 42.7 (mask AP 44.0, 39.4, 32.0), against 42.5 with 224 beside them and
+# 34.7-43.6 in the eight runs before.
+model.roi_heads.box_pooler.canonical_box_size = 56
+model.roi_heads.mask_pooler.canonical_box_size = 56
 # The random-init classifier learns late (few foreground RoIs at the default 25 %); more positives speed it up.
 model.roi_heads.batch_size_per_image = 32
 model.roi_heads.positive_fraction = 0.5
@@ -92,7 +104,8 @@ train.amp.enabled = False
 train.ddp.fp16_compression = False
 train.output_dir = "output/mvitv2_t_maskrcnn_toy"
 # 800 iterations: from the digits trunk, the box classifier starts to separate the shapes after about 450 (box AP
-# 18-27 at 450 over five runs, 29-45 at 700, 34.7-43.6 at 800; see the docstring and the README).
+# 18-27 at 450 over five runs, 29-45 at 700, 34.7-43.6 at 800; see the docstring and the README). With the RoI levels
+# above: 42.7-46.2 at 800 over three runs, 32.2 at 600 in one.
 train.max_iter = 800
 train.checkpointer.period = 400
 train.checkpointer.max_to_keep = 1
