@@ -105,7 +105,7 @@ train.ddp.fp16_compression = False
 train.output_dir = "output/mvitv2_t_maskrcnn_toy"
 # 800 iterations: from the digits trunk, the box classifier starts to separate the shapes after about 450 (box AP
 # 18-27 at 450 over five runs, 29-45 at 700, 34.7-43.6 at 800; see the docstring and the README). With the RoI levels
-# above: 42.7-46.2 at 800 over three runs, 32.2 at 600 in one.
+# above: 39.9-47.2 at 800 over five runs (two of them fresh-clone `make demo`), 32.2 at 600 in one.
 train.max_iter = 800
 train.checkpointer.period = 400
 train.checkpointer.max_to_keep = 1
