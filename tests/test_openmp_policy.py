@@ -36,6 +36,14 @@ def test_wait_policy_follows_the_load_and_the_process_count(monkeypatch):
         assert openmp_policy.busy_cpus(samples=3, interval=0.0) >= 0
 
 
+def test_choice_is_left_alone_once_torch_is_loaded(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", sys.modules.get("torch", object()))  # loaded, as by the tests
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(openmp_policy, "busy_cpus", lambda: os.cpu_count() or 1)  # would choose PASSIVE
+    assert openmp_policy.choose_before_torch(processes=2) == "the policy torch was loaded with"
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
 def test_process_count_is_read_before_argparse():
     read = openmp_policy.processes_from_argv
     assert read(["--data", "d", "--num-procs", "2"]) == 2 and read(["--num-procs=3"]) == 3

@@ -16,16 +16,12 @@ import os
 import sys
 
 if __package__:  # imported as tools.cls_train (the tests)
-    from .openmp_policy import choose_omp_wait_policy, processes_from_argv
+    from .openmp_policy import choose_before_torch, processes_from_argv
 else:  # run as a script: tools/ is on sys.path
-    from openmp_policy import choose_omp_wait_policy, processes_from_argv
+    from openmp_policy import choose_before_torch, processes_from_argv
 
 # Before torch loads OpenMP: spinning threads help on an idle CPU and collapse on a shared one (tools/openmp_policy.py).
-OMP_CHOICE = (
-    choose_omp_wait_policy(processes=processes_from_argv(sys.argv[1:]))
-    if "torch" not in sys.modules
-    else "the policy torch was loaded with"
-)
+OMP_CHOICE = choose_before_torch(processes_from_argv(sys.argv[1:]))
 import torch  # noqa: E402
 
 from mvit_det.checkpoint import DownloadError

@@ -33,12 +33,11 @@ import sys
 import time
 
 if __package__:  # imported as tools.main_job (the tests)
-    from .openmp_policy import choose_omp_wait_policy
+    from .openmp_policy import choose_before_torch
 else:  # run as a script: tools/ is on sys.path
-    from openmp_policy import choose_omp_wait_policy
+    from openmp_policy import choose_before_torch
 
-# Before the imports below load torch, and with it OpenMP; imported after torch (as by the tests), it is too late.
-OMP_CHOICE = choose_omp_wait_policy() if "torch" not in sys.modules else "the policy torch was loaded with"
+OMP_CHOICE = choose_before_torch()  # before the imports below load torch, and with it OpenMP
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import cv2  # noqa: E402

@@ -12,9 +12,10 @@ PASSIVE; an ``OMP_WAIT_POLICY`` already set wins.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
-__all__ = ["busy_cpus", "choose_omp_wait_policy", "processes_from_argv"]
+__all__ = ["busy_cpus", "choose_before_torch", "choose_omp_wait_policy", "processes_from_argv"]
 
 
 def busy_cpus(samples: int = 5, interval: float = 0.05) -> int | None:
@@ -64,3 +65,12 @@ def choose_omp_wait_policy(environ=os.environ, processes: int = 1) -> str:
         found = "no /proc/loadavg" if busy is None else f"{busy} other runnable task(s) on {cpus} CPUs"
         return f"OMP_WAIT_POLICY=PASSIVE ({found})"
     return f"OpenMP's default wait policy (the CPU is idle: {busy} other runnable task(s) on {cpus} CPUs)"
+
+
+def choose_before_torch(processes: int = 1) -> str:
+    """``choose_omp_wait_policy`` for this process, if torch (and with it OpenMP) is not loaded yet; return why.
+
+    Once torch is loaded (a tool imported by the tests) the environment no longer matters and is left alone."""
+    if "torch" in sys.modules:
+        return "the policy torch was loaded with"
+    return choose_omp_wait_policy(processes=processes)
