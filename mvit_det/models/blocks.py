@@ -7,6 +7,7 @@ passed as an additive mask, which is mathematically identical to the reference
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,35 +132,45 @@ class PoolingAttention(nn.Module):
         bias = rel_pos_bias(q[:, 1:], q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w)
         return _attend(q, k, v, F.pad(bias, (1, 0, 1, 0)))  # no positional bias to or from the class token
 
-    def _biased_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
+    def _biased_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, cols: Optional[int] = None) -> Tensor:
         """(B, Nq, heads, c) queries, (B, Nk, heads, c) keys and values -> (B, Nq, heads, c), with the rel-pos bias;
-        built in chunks of images, then of query rows, where it is large (see BIAS_CHUNK_BYTES)."""
+        built in chunks of images, then of query rows, where it is large (see BIAS_CHUNK_BYTES). The queries are
+        the first ``cols`` columns (default: all) of the first rows of the q grid."""
         b, nq, heads = q.shape[:3]
         per_image = heads * nq * k.shape[1] * q.element_size()
         if b * per_image <= BIAS_WHOLE_BYTES or torch.is_grad_enabled() or torch.jit.is_tracing():
-            return self._attend_rows(q, k, v, q_hw, kv_hw)
+            return self._attend_rows(q, k, v, q_hw, kv_hw, 0, cols)
         images = max(1, BIAS_CHUNK_BYTES // per_image)
-        q_w, rows = q_hw[1], nq // q_hw[1]
+        q_w = q_hw[1] if cols is None else cols
+        rows = nq // q_w
         row_step = rows if images > 1 else max(1, BIAS_CHUNK_BYTES * rows // per_image)
         parts = []
         for i in range(0, b, images):
             qi, ki, vi = q[i : i + images], k[i : i + images], v[i : i + images]
-            parts.append(_cat([self._attend_rows(qi[:, r * q_w : (r + row_step) * q_w], ki, vi, q_hw, kv_hw, r)
+            parts.append(_cat([self._attend_rows(qi[:, r * q_w : (r + row_step) * q_w], ki, vi, q_hw, kv_hw, r, cols)
                                for r in range(0, rows, row_step)], 1))  # fmt: skip
         return _cat(parts, 0)
 
-    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, first_row: int = 0) -> Tensor:
-        """Queries are the rows ``first_row``.. of the q grid: (B, rows * q_w, heads, c) -> the same shape."""
-        return _attend(q, k, v, rel_pos_bias(q, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w, first_row))
+    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, first_row: int = 0, cols=None) -> Tensor:
+        """Queries are the rows ``first_row``.. (and the first ``cols`` columns) of the q grid: (B, rows * cols, heads,
+        c) -> the same shape."""
+        bias = rel_pos_bias(q, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w, first_row, cols)
+        return _attend(q, k, v, bias)
 
     def _window_attention(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw) -> Tensor:
         """(B, N, heads, c) each -> (B, Nq, heads, c), attending within windows."""
         b, _, h, c = q.shape
         qw, kvw = self.q_window, self.kv_window
-        q_win, q_pad_hw = window_partition(q.reshape(b, q_hw[0], q_hw[1], h * c), qw)
         k_win, _ = window_partition(k.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
         v_win, _ = window_partition(v.reshape(b, kv_hw[0], kv_hw[1], h * c), kvw)
-        q_win, k_win, v_win = (t.view(t.shape[0], t.shape[1], h, c) for t in (q_win, k_win, v_win))
+        k_win, v_win = (t.view(t.shape[0], t.shape[1], h, c) for t in (k_win, v_win))
+        if q_hw[0] <= qw and q_hw[1] <= qw and k_win.shape[0] == b:
+            # The map fits in one window: the padded keys still count (detectron2 attends to them), but the padded
+            # queries' outputs would be cut off again, so only the real query rows and columns are computed. A toy
+            # recipe training step (maps of 24x30-32x40 tokens in 56-token windows) takes 12-15% less time.
+            return self._biased_attention(q, k_win, v_win, (qw, qw), (kvw, kvw), cols=q_hw[1])
+        q_win, q_pad_hw = window_partition(q.reshape(b, q_hw[0], q_hw[1], h * c), qw)
+        q_win = q_win.view(q_win.shape[0], q_win.shape[1], h, c)
         out = self._biased_attention(q_win, k_win, v_win, (qw, qw), (kvw, kvw))
         out = out.reshape(out.shape[0], -1, h * c)
         out = window_unpartition(out, qw, q_pad_hw, q_hw)

@@ -4,6 +4,8 @@ Shapes use B (batch), N (tokens), C (channels); token grids are (H, W) in row-ma
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,26 +78,33 @@ def rel_pos_lookup(table: Tensor, q_size: int, k_size: int) -> Tensor:
 
 
 def rel_pos_bias(
-    q: Tensor, q_hw: tuple[int, int], k_hw: tuple[int, int], table_h: Tensor, table_w: Tensor, first_row: int = 0
+    q: Tensor,
+    q_hw: tuple[int, int],
+    k_hw: tuple[int, int],
+    table_h: Tensor,
+    table_w: Tensor,
+    first_row: int = 0,
+    cols: Optional[int] = None,
 ) -> Tensor:
     """Decomposed relative-position bias as an additive attention mask.
 
-    q: (B, rows * q_w, heads, c), pooled and normalised but not scaled: the rows ``first_row`` onwards of the
-    (q_h, q_w) query grid (all of them by default).
-    Returns (B, heads, rows * q_w, k_h * k_w).
+    q: (B, rows * cols, heads, c), pooled and normalised but not scaled: the rows ``first_row`` onwards and the
+    first ``cols`` columns (default: all q_w) of the (q_h, q_w) query grid.
+    Returns (B, heads, rows * cols, k_h * k_w).
     """
     (q_h, q_w), (k_h, k_w) = q_hw, k_hw
     b, n, n_heads, c = q.shape
-    rows = n // q_w
+    cols = q_w if cols is None else cols
+    rows = n // cols
     r_h = rel_pos_lookup(table_h, q_h, k_h)[first_row : first_row + rows].to(q.dtype)
-    r_w = rel_pos_lookup(table_w, q_w, k_w).to(q.dtype)
-    r_q = q.reshape(b, rows, q_w, n_heads, c)
+    r_w = rel_pos_lookup(table_w, q_w, k_w)[:cols].to(q.dtype)
+    r_q = q.reshape(b, rows, cols, n_heads, c)
     # einsum returns permuted views; making the small factors contiguous makes the large sum contiguous,
     # so the final reshape is free.
     bias_h = torch.einsum("bhwnc,hkc->bnhwk", r_q, r_h).contiguous()
     bias_w = torch.einsum("bhwnc,wkc->bnhwk", r_q, r_w).contiguous()
-    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, heads, rows, q_w, k_h, k_w)
-    return bias.reshape(b, n_heads, rows * q_w, k_h * k_w)
+    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, heads, rows, cols, k_h, k_w)
+    return bias.reshape(b, n_heads, rows * cols, k_h * k_w)
 
 
 def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
