@@ -82,7 +82,7 @@ def check() -> dict:
         logging.getLogger("mvit_det.models.fastpath").removeHandler(handler)
     fallback_logs = [r.getMessage() for r in records if "no native bf16" in r.getMessage()]
     return {"cpu": cpu_info(), "native_bf16": native_bf16(), "cls": cls, "det": det, "fallback_logs": fallback_logs,
-            "predictor_bf16_autocast": predictor_autocast}
+            "predictor_bf16_autocast": predictor_autocast, "gelu_post_op": fastpath.gelu_post_op_pays()}
 
 
 if __name__ == "__main__":

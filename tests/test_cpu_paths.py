@@ -50,6 +50,8 @@ def test_avx2_capped_subprocess_runs_every_precision(capped_result):
     assert "computes in float32 and returns bfloat16" in capped_result["fallback_logs"][0]
     # The whole detector (detectron2 heads too) runs fp32 rather than emulated bf16 there.
     assert capped_result["predictor_bf16_autocast"] is False
+    # With AVX2 kernels GELU runs after the GEMM rather than as oneDNN's post-op (the numerics above cover that path).
+    assert capped_result["gelu_post_op"] is False
 
 
 def test_host_runs_every_precision():

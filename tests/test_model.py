@@ -290,3 +290,29 @@ def test_chunked_rel_pos_bias_gives_the_same_outputs(monkeypatch, detection):
 
 def _outputs(out):
     return list(out.values()) if isinstance(out, dict) else [out]
+
+
+@pytest.mark.parametrize("detection", [False, True], ids=["classifier", "trunk"])
+def test_chunked_mlp_gives_the_same_outputs(monkeypatch, detection):
+    """CPU inference runs a large MLP over chunks of tokens (see HIDDEN_WHOLE_BYTES); the outputs do not change, and
+    autograd keeps the whole MLP."""
+    from mvit_det.models import layers
+
+    torch.manual_seed(0)
+    model = MViTv2("tiny", 10, detection=detection).eval()
+    x = torch.randn(2, 3, 96, 128)
+    calls = []
+    real = layers.linear
+    monkeypatch.setattr(layers, "linear", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
+    with torch.inference_mode():
+        whole = model(x)
+        n_whole = len(calls)
+        monkeypatch.setattr(layers, "HIDDEN_WHOLE_BYTES", 1 << 10)  # every MLP is "large" at this input size
+        monkeypatch.setattr(layers, "HIDDEN_CHUNK_BYTES", 1 << 16)
+        chunked = model(x)
+    assert len(calls) > 2 * n_whole  # chunks were used
+    for a, b in zip(_outputs(whole), _outputs(chunked)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    calls.clear()
+    model(x)  # autograd: the limits are still tiny
+    assert len(calls) == n_whole
