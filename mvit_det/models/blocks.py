@@ -14,18 +14,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fastpath import _onednn_dtype, attention, cast_weight, linear
-from .layers import DropPath, Mlp, rel_pos_bias, window_partition, window_unpartition
+from .layers import LARGEST_HEAP_BLOCK, DropPath, Mlp, rel_pos_bias, window_partition, window_unpartition
 
 __all__ = ["BlockSpec", "MultiScaleBlock", "PoolingAttention"]
 
 MLP_RATIO = 4
 # Inference builds the (B, heads, Nq, Nk) rel-pos bias in chunks of at most BIAS_CHUNK_BYTES once the whole would
 # exceed BIAS_WHOLE_BYTES (at 1024x1024 the detection trunk's biases reach 134 MB, each a fresh mmap that glibc's heap
-# does not reuse). Measured capped to AVX2 on 2 vCPUs: the trunk's peak memory at 1024x1024 falls from 1007 MB to
+# does not reuse: see LARGEST_HEAP_BLOCK). Measured capped to AVX2 on 2 vCPUs: the trunk's peak memory at 1024x1024 falls from 1007 MB to
 # 664-675 MB; the large attention calls run 10-30% faster alone, the whole trunk within run-to-run noise. The values
 # are the same bit for bit.
 BIAS_CHUNK_BYTES = 16 << 20
-BIAS_WHOLE_BYTES = 32 << 20
+BIAS_WHOLE_BYTES = LARGEST_HEAP_BLOCK
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ class PoolingAttention(nn.Module):
                                for r in range(0, rows, row_step)], 1))  # fmt: skip
         return _cat(parts, 0)
 
-    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, first_row: int = 0, cols=None) -> Tensor:
+    def _attend_rows(self, q: Tensor, k: Tensor, v: Tensor, q_hw, kv_hw, first_row: int = 0,
+                     cols: Optional[int] = None) -> Tensor:
         """Queries are the rows ``first_row``.. (and the first ``cols`` columns) of the q grid: (B, rows * cols, heads,
         c) -> the same shape."""
         bias = rel_pos_bias(q, q_hw, kv_hw, self.rel_pos_h, self.rel_pos_w, first_row, cols)

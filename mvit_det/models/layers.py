@@ -15,13 +15,16 @@ from .fastpath import _onednn_dtype, linear
 __all__ = ["DropPath", "Mlp", "PatchEmbed", "rel_pos_bias", "rel_pos_lookup", "window_partition", "window_unpartition"]
 
 PATCH_STRIDE = 4
+# glibc serves every block larger than this with a fresh mmap, page-faulted in anew on each call: the size above which
+# CPU inference splits its large temporaries (the MLP's hidden activations here, the rel-pos bias in blocks.py).
+LARGEST_HEAP_BLOCK = 32 << 20
 # CPU inference runs the MLP over chunks of HIDDEN_CHUNK_BYTES of hidden activations once the whole hidden tensor
-# would exceed HIDDEN_WHOLE_BYTES: glibc serves every block over 32 MB with a fresh mmap, page-faulted in anew on
-# each call, and a chunk's hidden rows are still in cache when fc2 reads them. The chunks change only which rows one
-# GEMM call covers. Measured on MViTv2-T (AMD EPYC, interleaved in one process): 2-5% less time for the classifier at
-# batch 8 and 224 (its first stage's hidden tensor is 38.5 MB), 2% for the detection trunk at 1024x1024.
+# would exceed HIDDEN_WHOLE_BYTES; a chunk's hidden rows are also still in cache when fc2 reads them. The chunks change
+# only which rows one GEMM call covers. Measured on MViTv2-T (AMD EPYC, interleaved in one process): 2-5% less time
+# for the classifier at batch 8 and 224 (its first stage's hidden tensor is 38.5 MB), 2% for the detection trunk at
+# 1024x1024.
 HIDDEN_CHUNK_BYTES = 2 << 20
-HIDDEN_WHOLE_BYTES = 32 << 20
+HIDDEN_WHOLE_BYTES = LARGEST_HEAP_BLOCK
 
 
 class DropPath(nn.Module):
@@ -53,9 +56,9 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = _onednn_dtype(x, self.fc1.weight)  # None: autograd, tracing, compile or GPU take the plain ops
         rows = x.numel() // x.shape[-1]
-        hidden_bytes = self.fc1.out_features * (dtype.itemsize if dtype is not None else 0)
-        if rows * hidden_bytes <= HIDDEN_WHOLE_BYTES:
+        if dtype is None or rows * self.fc1.out_features * dtype.itemsize <= HIDDEN_WHOLE_BYTES:
             return self._mlp(x)
+        hidden_bytes = self.fc1.out_features * dtype.itemsize
         step = max(1, HIDDEN_CHUNK_BYTES // hidden_bytes)
         flat = x.reshape(rows, x.shape[-1])
         out = torch.cat([self._mlp(flat[i : i + step]) for i in range(0, rows, step)])
