@@ -316,3 +316,50 @@ def test_chunked_mlp_gives_the_same_outputs(monkeypatch, detection):
     calls.clear()
     model(x)  # autograd: the limits are still tiny
     assert len(calls) == n_whole
+
+
+@pytest.mark.parametrize("hw, stride", [((2, 2), 1), ((2, 2), 2), ((1, 1), 1), ((2, 1), 1), ((3, 3), 1)])
+def test_tiny_map_depthwise_gradients(hw, stride):
+    """On maps of at most TINY_MAP positions CPU training takes the weight gradient as a sum per kernel tap
+    (oneDNN's kernel is 10-40x slower there); forward and both gradients equal F.conv2d's in float64."""
+    from mvit_det.models.fastpath import TINY_MAP, depthwise_conv
+
+    torch.manual_seed(0)
+    c = 12
+    x = torch.randn(3, *hw, c, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()  # channels-last view
+    w = torch.randn(c, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    out = depthwise_conv(x, w, (stride, stride), (1, 1))
+    assert (type(out.grad_fn).__name__ == "_TinyMapDepthwiseBackward") == (hw[0] * hw[1] <= TINY_MAP)
+    gy = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), gy)
+    ref = torch.nn.functional.conv2d(x, w, None, stride, 1, groups=c)
+    rgx, rgw = torch.autograd.grad(ref, (x, w), gy)
+    for a, b in ((out, ref), (gx, rgx), (gw, rgw)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():  # inference and frozen weights keep F.conv2d
+        assert depthwise_conv(x, w, (stride, stride), (1, 1)).grad_fn is None
+
+
+def test_tiny_map_training_step_matches_plain_convs(monkeypatch):
+    """A 32x32 classifier (the digits pre-training of make demo: 2x2 and 1x1 maps in the last stages) gets the
+    same gradients with the per-tap weight gradient as with F.conv2d's."""
+    from mvit_det.models import fastpath
+
+    torch.manual_seed(0)
+    model = MViTv2("tiny", 10, pretrain_img_size=32).double().train()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 3, 5, 9])
+
+    def grads():
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    used = []
+    real = fastpath._TinyMapDepthwise.apply
+    monkeypatch.setattr(fastpath._TinyMapDepthwise, "apply", lambda *a: used.append(a[0].shape) or real(*a))
+    tiny = grads()
+    assert len(used) >= 10  # stages 3-4: 2x2 and 1x1 maps
+    monkeypatch.setattr(fastpath, "TINY_MAP", 0)
+    plain = grads()
+    for name in plain:
+        torch.testing.assert_close(tiny[name], plain[name], rtol=0, atol=1e-10, msg=name)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fastpath import _onednn_dtype, attention, cast_weight, linear
+from .fastpath import _onednn_dtype, attention, cast_weight, depthwise_conv, linear
 from .layers import LARGEST_HEAP_BLOCK, DropPath, Mlp, rel_pos_bias, window_partition, window_unpartition
 
 __all__ = ["BlockSpec", "MultiScaleBlock", "PoolingAttention"]
@@ -93,7 +93,7 @@ class PoolingAttention(nn.Module):
         sp = x[:, t:].reshape(b, hw[0], hw[1], hc).permute(0, 3, 1, 2)  # channels-last view
         # The kernel is shared by the heads; repeating it lets one grouped conv cover all of them.
         weight = pool.weight.repeat(self.num_heads, 1, 1, 1)
-        sp = F.conv2d(sp, weight, None, pool.stride, pool.padding, groups=hc)
+        sp = depthwise_conv(sp, weight, pool.stride, pool.padding)
         out_hw = (sp.shape[2], sp.shape[3])
         sp = sp.permute(0, 2, 3, 1).reshape(b, -1, hc)
         if t:

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 
 __all__ = [
-    "attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "gelu_post_op_pays", "linear", "log_bf16_fallback",
-    "native_bf16", "onednn_linear_ok",
+    "attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "depthwise_conv", "gelu_post_op_pays", "linear",
+    "log_bf16_fallback", "native_bf16", "onednn_linear_ok",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +184,61 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         ).softmax(dim=-1)
         return torch.bmm(attn, v.flatten(0, 1)).view(*q.shape[:-1], v.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+# Maps of at most this many positions take the per-tap weight gradient in CPU training (see depthwise_conv).
+TINY_MAP = 4
+
+
+class _TinyMapDepthwise(torch.autograd.Function):
+    """A depthwise conv whose weight gradient is a sum per kernel tap (input gradient and forward: the usual ops)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv2d(x, weight, None, stride, padding, groups=weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor):
+        x, weight = ctx.saved_tensors
+        (sh, sw), (ph, pw) = ctx.stride, ctx.padding
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                gy, x, weight, None, [sh, sw], [ph, pw], [1, 1], False, [0, 0], weight.shape[0], [True, False, False]
+            )[0]
+        if ctx.needs_input_grad[1]:
+            # (B, H, W, C) views: the pooled maps are channels-last, so each tap's sum runs over contiguous C
+            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))
+            g = gy.permute(0, 2, 3, 1)
+            oh, ow = g.shape[1], g.shape[2]
+            kh, kw = weight.shape[2], weight.shape[3]
+            taps = [
+                (g * xp[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw]).sum((0, 1, 2))
+                for i in range(kh) for j in range(kw)
+            ]
+            gw = torch.stack(taps, 1).view_as(weight)
+        return gx, gw, None, None
+
+
+def depthwise_conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
+    """``F.conv2d(x, weight, None, stride, padding, groups=C)`` for a (C, 1, kh, kw) ``weight``.
+
+    On maps of at most ``TINY_MAP`` positions (the last stages of a 32x32 input, as in the digits pre-training of
+    ``make demo``) oneDNN computes the weight gradient with a slow kernel: at batch 32, 3-7 ms per call capped to
+    AVX2 and about 1 ms on AVX-512, against 0.14-0.31 ms for one sum per kernel tap. CPU fp32 training on such
+    maps takes the sums; everything else runs ``F.conv2d``. The gradients agree to rounding (tested in float64).
+    """
+    tiny = (
+        x.device.type == "cpu" and x.shape[2] * x.shape[3] <= TINY_MAP and torch.is_grad_enabled()
+        and weight.requires_grad and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    )
+    if tiny:
+        return _TinyMapDepthwise.apply(x, weight, tuple(stride), tuple(padding))
+    return F.conv2d(x, weight, None, stride, padding, groups=weight.shape[0])
 
 
 def _to_dtype(out: Any, dtype: torch.dtype) -> Any:
