@@ -226,7 +226,7 @@ def test_toy_yacs_twin_equals_toy_lazyconfig():
     assert [list(s) for s in rpn.anchor_generator.sizes] == [[16], [32], [64], [128], [256]]
     # detectron2's yacs mask head has NUM_CONV convs of CONV_DIM plus a CONV_DIM deconv: conv_dims in LazyConfig terms.
     assert [cfg.MODEL.ROI_MASK_HEAD.CONV_DIM] * (cfg.MODEL.ROI_MASK_HEAD.NUM_CONV + 1) == list(roi.mask_head.conv_dims)
-    assert list(roi.mask_head.conv_dims) == [128, 128]
+    assert list(roi.mask_head.conv_dims) == [64, 64]
     assert cfg.MODEL.WEIGHTS == lazy.train.init_checkpoint == ""
     assert cfg.SOLVER.IMS_PER_BATCH == lazy.dataloader.train.total_batch_size
     assert cfg.SOLVER.BASE_LR == lazy.optimizer.lr
