@@ -84,10 +84,11 @@ def test_keys_match_detectron2_mvit():
     assert "bottom_up.blocks.9.attn.rel_pos_h" in ours and "bottom_up.scale5_norm.weight" in ours
 
 
-@pytest.mark.parametrize("window", [0, 16])
+@pytest.mark.parametrize("window", [0, 16, 56])
 def test_window_size_matches_detectron2_mvit(window):
     """window_size is detectron2's MViT(adaptive_window_size=...): 0 attends globally in every block, 16 uses smaller
-    windows; both give detectron2's outputs with the same weights, and 0 differs from the default 56."""
+    windows, 56 (the default) one window per map at this size, its padding folded into one key; all give
+    detectron2's outputs with the same weights, and 0 differs from the default 56."""
     torch.manual_seed(0)
     kwargs = dict(
         embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), norm_layer=partial(nn.LayerNorm, eps=1e-6)

@@ -107,21 +107,24 @@ def test_classifier_gradients_match_timm(dtype):
 
 
 @pytest.mark.parametrize(
-    "hw, stage1_queries",
-    [((96, 128), 24 * 32), ((160, 288), 2 * 56 * 56)],
+    "hw, stage1_queries, stage1_keys",
+    [((96, 128), 24 * 32, 6 * 8 + 1), ((160, 288), 2 * 56 * 56, 14 * 14)],
     ids=["map-inside-one-window", "map-over-two-windows"],
 )
-def test_window_queries_are_the_real_tokens_when_the_map_fits_one_window(monkeypatch, hw, stage1_queries):
+def test_window_queries_are_the_real_tokens_when_the_map_fits_one_window(monkeypatch, hw, stage1_queries, stage1_keys):
     """detectron2 pads a map to whole windows and attends to the padding. Where the map fits in one window, the
     padded queries' outputs would only be cut off again, so just the real ones are computed (a 24x32 map: 768 queries
-    instead of 56x56); over several windows the padded windows stay. Loss and gradients are detectron2's either way."""
+    instead of 56x56), and the padded keys (zero keys and values) are one zero key whose bias is the log-sum-exp of
+    theirs (6x8 pooled keys + 1 instead of 14x14); over several windows the padded windows stay. Loss and gradients
+    are detectron2's either way."""
     from mvit_det.models import blocks
 
-    queries = []
+    shapes = []
     real = blocks.attention
-    monkeypatch.setattr(blocks, "attention", lambda q, *a: queries.append(q.shape[0] * q.shape[2]) or real(q, *a))
+    monkeypatch.setattr(blocks, "attention", lambda q, k, *a: shapes.append((q.shape[0] * q.shape[2], k.shape[2]))
+                        or real(q, k, *a))  # fmt: skip
     torch.manual_seed(1)
     ours = randomize_(MViTv2Backbone("tiny", drop_path_rate=0.0)).train()
     x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(1))
     _assert_same_loss_and_grads(ours, detectron2_mvit(ours), x, _projection_loss(seed=2), torch.float64)
-    assert queries[0] == stage1_queries  # (windows x) queries of the first block, batch of 1
+    assert shapes[0] == (stage1_queries, stage1_keys)  # (windows x) queries and keys of the first block, batch of 1

@@ -106,12 +106,19 @@ def rel_pos_bias(
     table_w: Tensor,
     first_row: int = 0,
     cols: Optional[int] = None,
+    k_real: Optional[tuple[int, int]] = None,
 ) -> Tensor:
     """Decomposed relative-position bias as an additive attention mask.
 
     q: (B, rows * cols, heads, c), pooled and normalised but not scaled: the rows ``first_row`` onwards and the
     first ``cols`` columns (default: all q_w) of the (q_h, q_w) query grid.
     Returns (B, heads, rows * cols, k_h * k_w).
+
+    k_real: (k_h', k_w'), set when only the top-left k_h' x k_w' keys of the k grid are real and the rest is a
+    window's zero padding (k = v = 0). A padded key's logit is its bias alone and it adds nothing to the output, so
+    the padded keys act together as one zero key whose bias is the log-sum-exp of theirs. Returns the real keys'
+    bias and that one column: (B, heads, rows * cols, k_h' * k_w' + 1). The bias is a sum of a row and a column
+    term, so the log-sum-exp separates over rows and columns and the padded part of the bias is never built.
     """
     (q_h, q_w), (k_h, k_w) = q_hw, k_hw
     b, n, n_heads, c = q.shape
@@ -124,8 +131,17 @@ def rel_pos_bias(
     # so the final reshape is free.
     bias_h = torch.einsum("bhwnc,hkc->bnhwk", r_q, r_h).contiguous()
     bias_w = torch.einsum("bhwnc,wkc->bnhwk", r_q, r_w).contiguous()
-    bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, heads, rows, cols, k_h, k_w)
-    return bias.reshape(b, n_heads, rows * cols, k_h * k_w)
+    if k_real is None or tuple(k_real) == (k_h, k_w):
+        bias = bias_h.unsqueeze(-1) + bias_w.unsqueeze(-2)  # (B, heads, rows, cols, k_h, k_w)
+        return bias.reshape(b, n_heads, rows * cols, k_h * k_w)
+    kh, kw = k_real
+    bias = (bias_h[..., :kh, None] + bias_w[..., None, :kw]).reshape(b, n_heads, rows * cols, kh * kw)
+    # padded = (rows kh.. x all columns) + (rows ..kh x columns kw..); a sum of positive terms, so it is stable
+    padded = torch.logaddexp(
+        bias_h[..., kh:].logsumexp(-1) + bias_w.logsumexp(-1),
+        bias_h[..., :kh].logsumexp(-1) + bias_w[..., kw:].logsumexp(-1),
+    )
+    return torch.cat((bias, padded.reshape(b, n_heads, rows * cols, 1)), -1)
 
 
 def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
