@@ -338,6 +338,9 @@ def test_tiny_map_depthwise_gradients(hw, stride):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     with torch.no_grad():  # inference and frozen weights keep F.conv2d
         assert depthwise_conv(x, w, (stride, stride), (1, 1)).grad_fn is None
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    out = depthwise_conv(xb, wb, (stride, stride), (1, 1))  # bf16 keeps oneDNN's fp32 accumulation
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
 
 
 def test_tiny_map_training_step_matches_plain_convs(monkeypatch):

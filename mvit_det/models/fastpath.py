@@ -188,6 +188,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
 
 # Maps of at most this many positions take the per-tap weight gradient in CPU training (see depthwise_conv).
 TINY_MAP = 4
+_SUM_DTYPES = (torch.float32, torch.float64)  # bf16 sums would lose what oneDNN's fp32 accumulation keeps
 
 
 class _TinyMapDepthwise(torch.autograd.Function):
@@ -229,11 +230,12 @@ def depthwise_conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> 
     On maps of at most ``TINY_MAP`` positions (the last stages of a 32x32 input, as in the digits pre-training of
     ``make demo``) oneDNN computes the weight gradient with a slow kernel: at batch 32, 3-7 ms per call capped to
     AVX2 and about 1 ms on AVX-512, against 0.14-0.31 ms for one sum per kernel tap. CPU fp32 training on such
-    maps takes the sums; everything else runs ``F.conv2d``. The gradients agree to rounding (tested in float64).
+    maps (float32 or float64) takes the sums; everything else runs ``F.conv2d``. The gradients agree to rounding
+    (tested in float64).
     """
     tiny = (
         x.device.type == "cpu" and x.shape[2] * x.shape[3] <= TINY_MAP and torch.is_grad_enabled()
-        and weight.requires_grad and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu")
+        and weight.requires_grad and x.dtype == weight.dtype in _SUM_DTYPES and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
     )
     if tiny:
