@@ -321,7 +321,8 @@ def test_chunked_mlp_gives_the_same_outputs(monkeypatch, detection):
 @pytest.mark.parametrize("hw, stride", [((2, 2), 1), ((2, 2), 2), ((1, 1), 1), ((2, 1), 1), ((3, 3), 1)])
 def test_tiny_map_depthwise_gradients(hw, stride):
     """On maps of at most TINY_MAP positions CPU training takes the weight gradient as a sum per kernel tap
-    (oneDNN's kernel is 10-40x slower there); forward and both gradients equal F.conv2d's in float64."""
+    (oneDNN's kernel was 18-45x slower there capped to AVX2); forward and both gradients equal F.conv2d's in
+    float64."""
     from mvit_det.models.fastpath import TINY_MAP, depthwise_conv
 
     torch.manual_seed(0)

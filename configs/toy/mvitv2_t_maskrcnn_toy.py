@@ -97,8 +97,8 @@ model.roi_heads.mask_pooler.canonical_box_size = 56
 model.roi_heads.batch_size_per_image = 32
 model.roi_heads.positive_fraction = 0.5
 # One 64-channel conv, then the 2x deconv (also 64 channels), instead of [256] * 4 + 256 (see the docstring). Box AP
-# with it on the stand-in (800 iterations): 41.1 and 52.2 (seeds 0 and 1; mask AP 32.0 and 46.0), against 44.0 at
-# 128 channels with seed 0.
+# with it on the stand-in (800 iterations): 41.1 and 52.2 (seeds 0 and 1, the second also with the per-tap pooling-
+# conv gradient in pre-training; mask AP 32.0 and 46.0), against 44.0 at 128 channels with seed 0.
 model.roi_heads.mask_head.conv_dims = [64, 64]
 # At most 3 objects per image: 20 detections lose no recall and keep the mask head cheap at test time.
 model.roi_heads.box_predictor.test_topk_per_image = 20

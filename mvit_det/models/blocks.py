@@ -21,9 +21,9 @@ __all__ = ["BlockSpec", "MultiScaleBlock", "PoolingAttention"]
 MLP_RATIO = 4
 # Inference builds the (B, heads, Nq, Nk) rel-pos bias in chunks of at most BIAS_CHUNK_BYTES once the whole would
 # exceed BIAS_WHOLE_BYTES (at 1024x1024 the detection trunk's biases reach 134 MB, each a fresh mmap that glibc's heap
-# does not reuse: see LARGEST_HEAP_BLOCK). Measured capped to AVX2 on 2 vCPUs: the trunk's peak memory at 1024x1024 falls from 1007 MB to
-# 664-675 MB; the large attention calls run 10-30% faster alone, the whole trunk within run-to-run noise. The values
-# are the same bit for bit.
+# does not reuse: see LARGEST_HEAP_BLOCK). Measured capped to AVX2 on 2 vCPUs: the trunk's peak memory at 1024x1024
+# falls from 1007 MB to 664-675 MB; the large attention calls run 10-30% faster alone, the whole trunk within
+# run-to-run noise. The values are the same bit for bit.
 BIAS_CHUNK_BYTES = 16 << 20
 BIAS_WHOLE_BYTES = LARGEST_HEAP_BLOCK
 

@@ -235,7 +235,8 @@ def depthwise_conv(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> 
     """
     tiny = (
         x.device.type == "cpu" and x.shape[2] * x.shape[3] <= TINY_MAP and torch.is_grad_enabled()
-        and weight.requires_grad and x.dtype == weight.dtype in _SUM_DTYPES and not torch.is_autocast_enabled("cpu")
+        and weight.requires_grad and x.dtype == weight.dtype and x.dtype in _SUM_DTYPES
+        and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
     )
     if tiny:

@@ -55,11 +55,12 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = _onednn_dtype(x, self.fc1.weight)  # None: autograd, tracing, compile or GPU take the plain ops
-        rows = x.numel() // x.shape[-1]
-        if dtype is None or rows * self.fc1.out_features * dtype.itemsize <= HIDDEN_WHOLE_BYTES:
+        if dtype is None:
             return self._mlp(x)
-        hidden_bytes = self.fc1.out_features * dtype.itemsize
-        step = max(1, HIDDEN_CHUNK_BYTES // hidden_bytes)
+        rows, row_bytes = x.numel() // x.shape[-1], self.fc1.out_features * dtype.itemsize  # of the hidden tensor
+        if rows * row_bytes <= HIDDEN_WHOLE_BYTES:
+            return self._mlp(x)
+        step = max(1, HIDDEN_CHUNK_BYTES // row_bytes)
         flat = x.reshape(rows, x.shape[-1])
         out = torch.cat([self._mlp(flat[i : i + step]) for i in range(0, rows, step)])
         return out.view(*x.shape[:-1], out.shape[-1])
