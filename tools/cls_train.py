@@ -29,6 +29,7 @@ from mvit_det.classification.datasets import LAYOUTS, DatasetError
 from mvit_det.classification.recipes import RECIPES, RecipeError
 from mvit_det.classification.train import OutputError, ResumeError, TrainConfig, TrainingDiverged, train
 from mvit_det.models import list_models
+from mvit_det.utils.malloc import keep_freed_memory
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, format="[%(levelname)s] %(message)s")
     logging.getLogger("mvit_det.cls_train").info("OpenMP: %s", OMP_CHOICE)
+    logging.getLogger("mvit_det.cls_train").info("%s", keep_freed_memory())
     if args.num_procs > 1 and torchrun:
         parser.error("--num-procs cannot be combined with torchrun: torchrun already started the processes.")
     if args.num_procs > 1 and (args.device == "cuda" or (args.device is None and torch.cuda.is_available())):

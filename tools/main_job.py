@@ -56,6 +56,7 @@ from mvit_det.detection.builders import build_model
 from mvit_det.detection.engine import do_test, do_train, setup_run
 from mvit_det.detection.run_config import is_lazy, load_config, prepare_config, run_settings
 from mvit_det.detection.predictor import LazyPredictor  # noqa: E402
+from mvit_det.utils.malloc import keep_freed_memory  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "toy", "mvitv2_t_maskrcnn_toy.py")
 DIGITS_RECIPE = os.path.join(REPO, "configs", "classification", "digits_tiny.yaml")
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     setup_run(cfg, argparse.Namespace(config_file=args.config, eval_only=False, main_job=vars(args)))
     log = logging.getLogger("mvit_det.main_job")
     log.info("OpenMP: %s", OMP_CHOICE)
+    malloc_choice = keep_freed_memory()
+    log.info("%s", malloc_choice)
 
     pre = None
     if args.pretrain_epochs:
@@ -208,6 +211,7 @@ def main(argv=None) -> int:
         "pretrain_s": round(pre["seconds"], 1) if pre else 0.0,
         "device": s.device,
         "openmp": OMP_CHOICE,
+        "malloc": malloc_choice,
         "box_AP_before": _ap(before, val, "bbox"),
         "mask_AP_before": _ap(before, val, "segm"),
         "box_AP_after": _ap(after, val, "bbox"),

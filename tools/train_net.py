@@ -39,6 +39,7 @@ from mvit_det.detection.checkpoint import MViTv2Checkpointer
 from mvit_det.detection.engine import NonFiniteLossError, do_test, do_train, register_coco_datasets, setup_run
 from mvit_det.detection.resume import OutputDirLockedError, output_dir_lock
 from mvit_det.detection.run_config import check_run_settings, load_config, prepare_config, run_settings
+from mvit_det.utils.malloc import keep_freed_memory
 
 EXIT_NONFINITE = 3
 
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace):
         # Evaluation needs every weight from the checkpoint: a layer left at its initialisation is an error.
         MViTv2Checkpointer(model, s.output_dir, require_all=True).resume_or_load(s.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
+    logger.info("%s", keep_freed_memory())
     try:
         return do_train(cfg, resume=args.resume)
     except NonFiniteLossError as e:
