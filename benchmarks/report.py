@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .runner import run_benchmark
-from .settings import OURS, Settings, gemm_gflops, hardware_info, load_warning
+from .settings import OURS, Settings, gemm_gflops, hardware_info, isa_cap_warning, load_warning
 
 
 # =============================================================================================
@@ -130,6 +130,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "",
         f"CPU {hw['cpu_model']}: {hw['cpu_isa']}, torch kernels {hw['torch_cpu_capability']}"
         + (f" (ONEDNN_MAX_CPU_ISA={hw['onednn_max_cpu_isa']})" if hw.get("onednn_max_cpu_isa") else "")
+        + (f", MKL_ENABLE_INSTRUCTIONS={hw['mkl_enable_instructions']}" if hw.get("mkl_enable_instructions") else "")
         + f", native bf16 {'yes' if hw['native_bf16'] else 'no'}; fp32 2048x2048 torch.mm "
         f"{_fmt(hw.get('gemm_fp32_gflops'), '.0f')} GFLOP/s ({hw['device']}).",
         "",
@@ -138,8 +139,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(scaling_markdown(report["runs"]))
     else:
         lines += [run_markdown(r, hw) for r in report["runs"]]
-    if report["load_warning"]:
-        lines.append(f"- **warning**: {report['load_warning']}")
+    for key in ("load_warning", "isa_cap_warning"):
+        if report.get(key):
+            lines.append(f"- **warning**: {report[key]}")
     if report["noisy"]:
         lines.append(
             "\n**The machine was noisy during this run; repeat it on an idle machine before quoting numbers.**"
@@ -162,13 +164,16 @@ def run_report(settings: Sequence[Settings], mode: str = "single") -> dict[str, 
     for i, s in enumerate(settings):
         desc = f"[{i + 1}/{len(settings)}] {s.task} {s.img_size[0]}x{s.img_size[1]}" if len(settings) > 1 else s.task
         runs.append(run_benchmark(s, desc))
-    warnings = [early] if early else []
+    hardware = {**hardware_info(s0.device), "gemm_fp32_gflops": gemm, "load_average_1min_before": load_before}
+    partial_cap = isa_cap_warning(hardware) if s0.device == "cpu" else None
+    warnings = [w for w in (early, partial_cap) if w]
     warnings += [f"{r['task']} {r['settings']['img_size']}: {w}" for r in runs for w in r["warnings"]]
     return {
         "mode": mode,
-        "hardware": {**hardware_info(s0.device), "gemm_fp32_gflops": gemm, "load_average_1min_before": load_before},
+        "hardware": hardware,
         "runs": runs,
         "load_warning": early,
+        "isa_cap_warning": partial_cap,
         "warnings": warnings,
         # Measured spread only: the load average also counts this script's own previous runs.
         "noisy": any(m["noise_warning"] for r in runs for m in r["models"]),

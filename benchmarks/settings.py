@@ -120,6 +120,21 @@ def load_warning(threads: Optional[int]) -> Optional[str]:
     return None
 
 
+def isa_cap_warning(hw: dict[str, Any]) -> Optional[str]:
+    """A message if oneDNN/ATen are capped to AVX2 on an AVX-512 CPU but MKL is not.
+
+    ``torch.mm`` and the references' ``F.linear`` run MKL, which ignores ``ONEDNN_MAX_CPU_ISA``: on an Intel Xeon
+    it keeps its AVX-512 kernels (140 against 74 GFLOP/s on one core), so such a run is no AVX2 stand-in.
+    """
+    capped = hw.get("onednn_max_cpu_isa", "").upper().startswith("AVX2") or hw.get("torch_cpu_capability") == "AVX2"
+    if hw.get("cpu_isa") in ("AVX-512", "AMX") and capped and not hw.get("mkl_enable_instructions"):
+        return (
+            "oneDNN/ATen are capped to AVX2 but MKL is not: the fp32 GEMM rate and the references' linear layers "
+            "may run MKL's AVX-512 kernels; set MKL_ENABLE_INSTRUCTIONS=AVX2 as well for an AVX2 stand-in"
+        )
+    return None
+
+
 def _git_commit() -> Optional[str]:
     try:
         run = dict(cwd=ROOT, capture_output=True, text=True, timeout=10)

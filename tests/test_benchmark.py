@@ -244,3 +244,22 @@ def test_cli_subprocess(tmp_path):
     assert [m["name"] for m in run["models"]] == ["mvit-det", "timm", "mmpretrain"]
     assert all(m["ours_speedup"] > 0 for m in run["models"])
     assert all(m["max_rel_diff"]["fp32"] < 1e-4 for m in run["models"][1:])
+
+
+def test_isa_cap_warning_asks_for_mkl_cap_too():
+    from benchmarks.settings import isa_cap_warning
+
+    capped = {"cpu_isa": "AMX", "onednn_max_cpu_isa": "AVX2", "torch_cpu_capability": "AVX2"}
+    message = isa_cap_warning({**capped, "mkl_enable_instructions": ""})
+    assert message is not None and "MKL_ENABLE_INSTRUCTIONS=AVX2" in message
+    assert isa_cap_warning({**capped, "mkl_enable_instructions": "AVX2"}) is None
+    assert isa_cap_warning({**capped, "cpu_isa": "AVX2", "mkl_enable_instructions": ""}) is None  # a real AVX2 CPU
+    uncapped = {"cpu_isa": "AVX-512", "onednn_max_cpu_isa": "", "torch_cpu_capability": "AVX512"}
+    assert isa_cap_warning({**uncapped, "mkl_enable_instructions": ""}) is None
+    md = bm.report_markdown({
+        "mode": "single", "runs": [], "noisy": False, "load_warning": None, "isa_cap_warning": message,
+        "hardware": {"date": "d", "device_name": "cpu", "cpu_count": 2, "torch_threads": 1, "torch": "t",
+                     "python": "p", "mvit_det_commit": "c", "cpu_model": "Xeon", "device": "cpu",
+                     "native_bf16": False, "gemm_fp32_gflops": 100.0, **capped, "mkl_enable_instructions": ""},
+    })
+    assert "set MKL_ENABLE_INSTRUCTIONS=AVX2 as well" in md

@@ -78,6 +78,7 @@ def cpu_info() -> dict:
         "cpu_isa": hw_isa,
         "torch_cpu_capability": capability,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
         "native_bf16": native_bf16(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
