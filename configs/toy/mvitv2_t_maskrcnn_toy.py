@@ -31,24 +31,24 @@ what the toy data make reasonable differs, each change said where it is made bel
 * no drop path, float32, batch 2, a short schedule (800 iterations), and only the newest periodic checkpoint kept
   (about 380 MB each with the optimizer state).
 
-Measured (issue 11 asks for box AP 30): from random initialisation, the recipe reached box AP 12.3-15.4 (README, main
-job). Both halves were weak: class-agnostic box AP 21.5 (AP50 51), and 45 of the 101 val shapes found at IoU 0.5 given
-the right class. An MViTv2-T classifier trained from random weights on crops of the toy shapes stayed at chance (33%
-after 135 steps at batch 32; 55-70% on the same crops as binary masks): colour-invariant shape is slow to learn from
-scratch (the same digits, recoloured with random foreground and background colours, stayed at chance too: 9.5% after
-the 6 epochs that give 96% on the grey ones). Initialising the trunk from the digits classifier raised box AP to
-18.2-27.1 over the runs made on 2026-11-30 (the one at 27.1: class-agnostic AP 31.5, 65 of 101 shapes found with the
-right class), all after 450 iterations; 700 iterations gave 44.8 and 38.9 with 256 FPN channels, 35.7 with 128.
+Measured (issue 11 asks for box AP 30): from random initialisation, the recipe reached box AP 12.3-15.4
+(docs/main_job.md). Both halves were weak: class-agnostic box AP 21.5 (AP50 51), and 45 of the 101 val shapes found at
+IoU 0.5 given the right class. An MViTv2-T classifier trained from random weights on crops of the toy shapes stayed at
+chance (33% after 135 steps at batch 32; 55-70% on the same crops as binary masks): colour-invariant shape is slow to
+learn from scratch (the same digits, recoloured with random foreground and background colours, stayed at chance too:
+9.5% after the 6 epochs that give 96% on the grey ones). Initialising the trunk from the digits classifier raised box
+AP to 18.2-27.1 over the runs made on 2026-11-30 (the one at 27.1: class-agnostic AP 31.5, 65 of 101 shapes found with
+the right class), all after 450 iterations; 700 iterations gave 44.8 and 38.9 with 256 FPN channels, 35.7 with 128.
 This file's 800 iterations at 128 channels gave box AP 40.9 (AP50 65.7), mask AP 36.4 in one run. The runs of
 2026-11-30 with the 4-epoch digits trunk (96.7% top-1) or with global attention in every trunk block
-(``model.backbone.bottom_up.window_size=0``, 9 % faster at these inputs, where every feature map is smaller than
-one window) gave 28.9-34.7 at 700-800 iterations, within the spread but not above it. Single runs of 2026-12-01 from
-the digits trunk, before the RoI-level change (one thread each, two at a time): box head FCs of 256 instead of 1024
-(8 % faster) 35.6 and 33.6, with global attention 30.6 and 25.2; the trunk at 0.25x LR 35.9; the RoI heads at 3x LR
-37.7; batch 4 for 400 iterations 29.4 (LR 2e-4) and 27.7 (3e-4); none kept. The README gives the time
-and AP of ``make demo``. Variants tried from random initialisation: LR 4e-4 12.1, LR 8e-4 diverged, GroupNorm in FPN
-and mask head 13.2, RoI pooler ``canonical_box_size=56`` 12.0, batch 1 for 800 iterations 11.0, 5x LR on the heads
-unstable, a 2-conv GroupNorm box head 2.4-3.2.
+(``model.backbone.bottom_up.window_size=0``, 9 % faster at these inputs, where every feature map is smaller than one
+window) gave 28.9-34.7 at 700-800 iterations, within the spread but not above it. Single runs of 2026-12-01 from the
+digits trunk, before the RoI-level change (one thread each, two at a time): box head FCs of 256 instead of 1024 (8 %
+faster) 35.6 and 33.6, with global attention 30.6 and 25.2; the trunk at 0.25x LR 35.9; the RoI heads at 3x LR 37.7;
+batch 4 for 400 iterations 29.4 (LR 2e-4) and 27.7 (3e-4); none kept. The README gives the time and AP of ``make
+demo``. Variants tried from random initialisation: LR 4e-4 12.1, LR 8e-4 diverged, GroupNorm in FPN and mask head 13.2,
+RoI pooler ``canonical_box_size=56`` 12.0, batch 1 for 800 iterations 11.0, 5x LR on the heads unstable, a 2-conv
+GroupNorm box head 2.4-3.2.
 """
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
@@ -109,8 +109,8 @@ train.amp.enabled = False
 train.ddp.fp16_compression = False
 train.output_dir = "output/mvitv2_t_maskrcnn_toy"
 # 800 iterations: from the digits trunk, the box classifier starts to separate the shapes after about 450 (box AP
-# 18-27 at 450 over five runs, 29-45 at 700, 34.7-43.6 at 800; see the docstring and the README). With the RoI levels
-# above: 39.9-47.2 at 800 over five runs (two of them fresh-clone `make demo`), 32.2 at 600 in one.
+# 18-27 at 450 over five runs, 29-45 at 700, 34.7-43.6 at 800; see the docstring and docs/main_job.md). With the RoI
+# levels above: 39.9-47.2 at 800 over five runs (two of them fresh-clone `make demo`), 32.2 at 600 in one.
 train.max_iter = 800
 train.checkpointer.period = 400
 train.checkpointer.max_to_keep = 1
