@@ -87,8 +87,9 @@ def test_keys_match_detectron2_mvit():
 @pytest.mark.parametrize("window", [0, 16, 56])
 def test_window_size_matches_detectron2_mvit(window):
     """window_size is detectron2's MViT(adaptive_window_size=...): 0 attends globally in every block, 16 uses smaller
-    windows, 56 (the default) one window per map at this size, its padding folded into one key; all give
-    detectron2's outputs with the same weights, and 0 differs from the default 56."""
+    windows (the 24x28 stage-1 map: 2x2 windows, the last row and column partial), 56 (the default) one window per
+    map at this size, its padding folded into one key; all give detectron2's outputs with the same weights, and 0
+    differs from the default 56."""
     torch.manual_seed(0)
     kwargs = dict(
         embed_dim=96, depth=10, num_heads=1, last_block_indexes=(0, 2, 7, 9), norm_layer=partial(nn.LayerNorm, eps=1e-6)
@@ -100,12 +101,12 @@ def test_window_size_matches_detectron2_mvit(window):
     ours.load_state_dict(ref.state_dict())
     default = MViTv2Backbone("tiny").eval()
     default.load_state_dict(ref.state_dict())
-    x = torch.randn(1, 3, 96, 128)
+    x = torch.randn(2, 3, 96, 112)
     with torch.no_grad():
         expected, got, windowed = ref(x), ours(x), default(x)
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-4, atol=1e-4), name
-    if window == 0:  # at 96x128 every map is smaller than a 56-token window: padding changes the result
+    if window == 0:  # at 96x112 every map is smaller than a 56-token window: padding changes the result
         assert not torch.allclose(windowed["scale5"], got["scale5"], atol=1e-3)
     yacs_backbone = build_backbone(yacs_cfg(opts=["MODEL.MVIT.WINDOW_SIZE", str(window)]))
     assert yacs_backbone.bottom_up.specs[0].window_size == window
