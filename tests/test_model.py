@@ -369,3 +369,15 @@ def test_tiny_map_training_step_matches_plain_convs(monkeypatch):
     plain = grads()
     for name in plain:
         torch.testing.assert_close(tiny[name], plain[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_window_groups_split_each_axis_into_full_windows_and_the_partial_last_one():
+    """Along one axis: (first window, windows, real query tokens, real key tokens) per run of same-shaped windows."""
+    from mvit_det.models.blocks import _window_groups
+
+    assert _window_groups(112, 28, 56, 14) == [(0, 2, 56, 14)]  # whole windows only
+    assert _window_groups(72, 18, 56, 14) == [(0, 1, 56, 14), (1, 1, 16, 4)]  # the last one partial
+    assert _window_groups(40, 10, 56, 14) == [(0, 1, 40, 10)]  # the map inside one window
+    assert _window_groups(112, 27, 56, 14) == [(0, 1, 56, 14), (1, 1, 56, 13)]  # full queries, partial keys
+    with pytest.raises(ValueError, match="do not"):
+        _window_groups(72, 14, 56, 14)  # 2 query windows, 1 key window: the maps do not line up
