@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="epochs of digits classification that initialise the trunk (0: random initialisation)",
     )
     p.add_argument(
-        "--confidence-threshold", type=float, default=0.3,
-        help="score threshold for the drawn detections only (a few minutes of CPU training gives modest scores)",
+        "--confidence-threshold", type=float, default=0.5,
+        help="score threshold for the drawn detections only, detectron2's demo default (the evaluation counts every "
+             "detection; 0.3 also draws the weaker partial boxes on parts of shapes)",
     )
     p.add_argument("--num-vis", type=int, default=4, help="val images to draw (ground truth | prediction)")
     p.add_argument(
