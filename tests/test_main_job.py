@@ -64,3 +64,12 @@ def test_drawing_keeps_the_best_class_per_object():
     assert shown.pred_classes.tolist() == [1, 2] and shown.scores.tolist() == pytest.approx([0.8, 0.5])
     assert len(main_job.shown_detections(inst, 0.3, all_classes=True)) == 3
     assert len(main_job.shown_detections(inst, 0.9)) == 0
+
+
+def test_both_drawing_tools_default_to_the_runner_threshold():
+    from mvit_det.detection.runner import DRAW_THRESHOLD
+    from tools import demo  # writes the value out so that its --help imports no detectron2
+
+    assert main_job.parse_args([]).confidence_threshold == DRAW_THRESHOLD == 0.5
+    demo_args = demo.parse_args(["--model", "mask_rcnn_mvitv2_t_3x", "--input", "a.jpg", "--output", "out"])
+    assert demo_args.confidence_threshold == DRAW_THRESHOLD

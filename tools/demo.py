@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--webcam", nargs="?", type=int, const=0, metavar="INDEX", help="camera index (default 0)")
     p.add_argument("--output", help="folder for drawn PNGs (--input), or the output video file (--video-input)")
     p.add_argument("--json", metavar="OUT.json", help="write the detections as one COCO results file")
+    # mvit_det.detection.runner.DRAW_THRESHOLD, written out so that --help needs no detectron2 import
     p.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score to draw")
     p.add_argument("--batch-size", type=int, default=1, help="images or frames per model call")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (multi-scale + flip, detectron2's "

@@ -56,6 +56,7 @@ from mvit_det.detection.builders import build_model
 from mvit_det.detection.engine import do_test, do_train, setup_run
 from mvit_det.detection.run_config import is_lazy, load_config, prepare_config, run_settings
 from mvit_det.detection.predictor import LazyPredictor  # noqa: E402
+from mvit_det.detection.runner import DRAW_THRESHOLD  # noqa: E402
 from mvit_det.utils.malloc import keep_freed_memory  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "toy", "mvitv2_t_maskrcnn_toy.py")
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="epochs of digits classification that initialise the trunk (0: random initialisation)",
     )
     p.add_argument(
-        "--confidence-threshold", type=float, default=0.5,
+        "--confidence-threshold", type=float, default=DRAW_THRESHOLD,
         help="score threshold for the drawn detections only, detectron2's demo default (the evaluation counts every "
              "detection; 0.3 also draws the weaker partial boxes on parts of shapes)",
     )

@@ -34,6 +34,7 @@ from ..data.images import IMAGE_EXTENSIONS, ImageReadError, load_image
 
 __all__ = [
     "CocoResultsWriter",
+    "DRAW_THRESHOLD",
     "RunError",
     "check_output_dir",
     "check_output_file",
@@ -44,6 +45,9 @@ __all__ = [
     "run_video",
     "run_webcam",
 ]
+
+#: Score from which detections are drawn by default: detectron2's demo default (``demo/demo.py``).
+DRAW_THRESHOLD = 0.5
 
 #: OpenCV FourCC code per output container; other extensions are refused before the model loads.
 VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -289,7 +293,7 @@ def run_video(
     dst: Optional[str],
     *,
     batch_size: int = 1,
-    threshold: float = 0.5,
+    threshold: float = DRAW_THRESHOLD,
     json_path: Optional[str] = None,
     progress: bool = True,
 ) -> dict:
@@ -371,7 +375,7 @@ def check_gui() -> None:
         )
 
 
-def run_webcam(predictor, cap, *, threshold: float = 0.5, window: str = "mvit-det (q to quit)") -> int:
+def run_webcam(predictor, cap, *, threshold: float = DRAW_THRESHOLD, window: str = "mvit-det (q to quit)") -> int:
     """Show detections on the live camera ``cap`` until ``q`` (or Esc) is pressed; returns the frame count."""
     shown = 0
     try:
