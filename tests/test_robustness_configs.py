@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 from detectron2.config import get_cfg  # noqa: E402
+from omegaconf import DictConfig, ListConfig  # noqa: E402
 
 from mvit_det.detection.builders import build_model  # noqa: E402
 from mvit_det.detection.run_config import load_config  # noqa: E402
@@ -42,6 +43,10 @@ def _train_net(*args: str) -> subprocess.CompletedProcess:
          "mean 'size'? Keys there: act_checkpoint, drop_path_rate, in_chans, out_features, pretrain_img_size, size, "
          "window_size."),
         ("trian.max_iter=10", "Unknown config key 'trian.max_iter': the config has no entry 'trian'. Did you mean 'train'?"),
+        # a keyword StandardROIHeads passes on to ROIHeads through **kwargs
+        ("model.roi_heads.num_clases=3",
+         "Unknown config key 'model.roi_heads.num_clases': model.roi_heads has no entry 'num_clases'. Did you mean "
+         "'num_classes'?"),
         ("dataloader.train.mapper.augmentations.7.short_edge_length=[64]",
          "Unknown config key 'dataloader.train.mapper.augmentations.7.short_edge_length': "
          "dataloader.train.mapper.augmentations is a list of 2 items, '7' is not an index of it."),
@@ -55,8 +60,39 @@ def test_lazyconfig_unknown_key(override, message):
 
 
 def test_lazyconfig_new_argument_of_a_called_object_is_accepted():
-    cfg = load_config(str(LAZY), ["model.backbone.bottom_up.in_chans=3", "train.max_iter=5"])
+    cfg = load_config(str(LAZY), ["model.backbone.bottom_up.in_chans=3", "train.max_iter=5",
+                                  "model.roi_heads.proposal_append_gt=False"])  # the last: ROIHeads' own argument
     assert cfg.model.backbone.bottom_up.in_chans == 3 and cfg.train.max_iter == 5
+    assert cfg.model.roi_heads.proposal_append_gt is False
+
+
+def _called_nodes(node, path="cfg"):
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for k in node.keys():
+            yield from _called_nodes(node._get_node(k), f"{path}.{k}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _called_nodes(node._get_node(i), f"{path}.{i}")
+
+
+def test_every_key_of_the_shipped_configs_is_an_argument_the_check_knows():
+    """The **kwargs walk up a class's bases must not refuse a key the shipped configs already set."""
+    from detectron2.config import LazyConfig
+
+    from mvit_det.detection.config import _target_params
+
+    files = sorted((REPO / "configs").rglob("*.py"))
+    checked, refused = 0, []
+    for f in files:
+        if "common" in f.parts:  # pieces, not configs
+            continue
+        for path, node in _called_nodes(LazyConfig.load(str(f))):
+            params, var_kw = _target_params(node["_target_"])
+            checked += 1
+            refused += [f"{f.name}: {path}.{k}" for k in node.keys() if k != "_target_" and not var_kw and k not in params]
+    assert checked > 100 and refused == []
 
 
 @pytest.mark.parametrize(

@@ -146,12 +146,40 @@ def _target_params(target: Any) -> tuple[list[str], bool]:
             target = locate(target)
         except Exception:
             return [], True
+    if inspect.isclass(target):
+        return _class_params(target)
+    return _signature_params(target)
+
+
+def _signature_params(fn: Any, skip: int = 0) -> tuple[list[str], bool]:
     try:
-        params = inspect.signature(target).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())[skip:]
     except (TypeError, ValueError):
         return [], True
     names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _class_params(cls: type) -> tuple[list[str], bool]:
+    """A class's constructor arguments, following ``**kwargs`` up to the base that receives them.
+
+    detectron2's heads pass ``**kwargs`` on (``StandardROIHeads`` -> ``ROIHeads(num_classes=...)``); without the
+    walk, ``model.roi_heads.num_clases=3`` would pass this check and fail later inside detectron2.
+    """
+    inits = [k.__dict__["__init__"] for k in cls.__mro__ if "__init__" in k.__dict__ and k not in _KWARGS_SINKS]
+    names: list[str] = []
+    for i, init in enumerate(inits):
+        params, var_kw = _signature_params(init, skip=1)
+        names += [n for n in params if n not in names]
+        if not var_kw:
+            return names, False
+        if i == len(inits) - 1:  # **kwargs used by the class itself: anything may be legitimate
+            return names, True
+    return names, True
+
+
+# Bases whose __init__ takes **kwargs only to reject them.
+_KWARGS_SINKS = (object, torch.nn.Module)
 
 
 def check_lazy_overrides(cfg: Any, overrides: Sequence[str]) -> None:
