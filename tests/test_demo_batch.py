@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from mvit_det.data.toy import TOY_CLASSES
 from mvit_det.detection.predictor import build_predictor
-from mvit_det.detection.runner import RunError, expand_inputs, open_camera
+from mvit_det.detection.runner import RunError, drawn_output_paths, expand_inputs, open_camera
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = str(REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py")
@@ -110,6 +110,19 @@ def test_output_problems_fail_before_the_model_is_built(tmp_path, monkeypatch, c
     assert "does not exist" in capsys.readouterr().err
     assert demo.main(["--config", TOY, "--video-input", str(image), "--output", str(tmp_path / "o.gif")]) == 2
     assert "unsupported extension; use one of .mp4" in capsys.readouterr().err
+    # drawings that would replace an input (the folder is its own --output)
+    before = image.read_bytes()
+    assert demo.main(["--config", TOY, "--input", str(tmp_path), "--output", str(tmp_path)]) == 2
+    assert f"the drawing of {image} would replace the input {image}" in capsys.readouterr().err
+    jpg = tmp_path / "x.jpg"
+    cv2.imwrite(str(jpg), toy_bgr(1, 64, 64))
+    assert demo.main(["--config", TOY, "--input", str(jpg), str(image), "--output", str(tmp_path)]) == 2
+    assert f"the drawing of {jpg} would replace the input {image}" in capsys.readouterr().err
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"a video")
+    assert demo.main(["--config", TOY, "--video-input", str(video), "--output", str(tmp_path / "." / "v.mp4")]) == 2
+    assert "is the input file; give another file name" in capsys.readouterr().err
+    assert image.read_bytes() == before and video.read_bytes() == b"a video"
     with pytest.raises(SystemExit) as e:
         demo.main(["--model", "mask_rcnn_mvitv2_t", "--input", str(image), "--json", str(tmp_path / "o.json")])
     assert e.value.code == 2
@@ -160,6 +173,30 @@ def test_webcam_errors_are_clear(monkeypatch, capsys):
     err = capsys.readouterr().err
     # headless OpenCV (as installed here) has no window; with a GUI build the missing camera is reported
     assert "has no window support" in err or "No camera at index 57" in err
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--weights", "w.pth"], "--weights"), (["--tta"], "--tta"), (["--precision", "bf16"], "--precision"),
+    (["--device", "cuda"], "--device"), (["--opts", "a.b=1"], "--opts"),
+])  # fmt: skip
+def test_exported_graph_options_are_refused(extra, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--exported", "model.onnx", "--input", "x.jpg", "--json", "o.json", *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{named} cannot change an --exported graph" in err
+
+
+def test_drawn_output_paths(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for p in (a / "x.jpg", b / "x.jpg", a / "y.png"):
+        p.write_bytes(b"")
+    inputs = [str(a / "x.jpg"), str(b / "x.jpg"), str(a / "y.png")]
+    out = drawn_output_paths(inputs, str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in out.values()] == ["x.png", "x_1.png", "y.png"]
+    assert drawn_output_paths(inputs[:2], str(a))[inputs[1]] == str(a / "x_1.png")  # beside the inputs: allowed
+    with pytest.raises(RunError, match="would replace the input"):
+        drawn_output_paths(inputs, str(a))
 
 
 def test_expand_inputs(tmp_path):

@@ -222,6 +222,16 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_graph_size_must_fit_the_backbone(detectors, tmp_path, capsys):
+    weights = detectors("maskrcnn", "lazy")[2]
+    rc = export_model.main(["--config", str(REPO / CONFIGS["maskrcnn", "lazy"]), "--weights", weights,
+                            "--format", "onnx", "--output", str(tmp_path / "out"), "--img-size", "100x130"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--img-size 100x130: each side must be a multiple of 32" in err, err
+    assert "e.g. --img-size 96x128" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_exported_predictor_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ExportedPredictor(tmp_path / "model.onnx")

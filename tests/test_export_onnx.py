@@ -65,3 +65,8 @@ def test_bad_weights_and_sizes_give_clear_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         export_onnx.main(["--img-size", "16", "--output", str(tmp_path / "y.onnx")])
     assert exit_info.value.code == 2 and ">= 32" in capsys.readouterr().err
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"a photo")
+    assert export_onnx.main(["--output", str(photo)]) == 2  # a typo must not replace the photo
+    assert "must end in .onnx, e.g. " + str(tmp_path / "photo.onnx") in capsys.readouterr().err
+    assert photo.read_bytes() == b"a photo"

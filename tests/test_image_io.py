@@ -216,3 +216,4 @@ def test_truncated_file(tmp_path, suffix):
     message = str(info.value)
     assert message.startswith(f"Cannot read image {path}: the file is truncated or corrupt (")
     assert "truncated" in message.split("(", 1)[1]  # Pillow's own reason is kept
+    assert message.count("Cannot read image") == 1  # said once, not wrapped in itself

@@ -59,6 +59,14 @@ def test_lazyconfig_unknown_key(override, message):
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.parametrize("config", [LAZY, YACS])
+def test_options_after_opts(config):
+    """argparse's REMAINDER hands --opts every later option; say so instead of "overrides must be key=value"."""
+    with pytest.raises(ValueError, match=r"^--confidence-threshold came after the config overrides \(--opts\).*put "
+                                         r"the overrides last"):  # fmt: skip
+        load_config(str(config), ["train.max_iter=5", "--confidence-threshold", "0.3"])
+
+
 def test_lazyconfig_new_argument_of_a_called_object_is_accepted():
     cfg = load_config(str(LAZY), ["model.backbone.bottom_up.in_chans=3", "train.max_iter=5",
                                   "model.roi_heads.proposal_append_gt=False"])  # the last: ROIHeads' own argument

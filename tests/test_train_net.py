@@ -26,6 +26,7 @@ from mvit_det.detection import builders, engine  # noqa: E402
 from mvit_det.detection import checkpoint as detection_checkpoint  # noqa: E402
 from mvit_det.detection.checkpoint import AtomicCheckpointer, MViTv2Checkpointer
 from mvit_det.detection.engine import NonFiniteLossError, Trainer, weights_digest
+from mvit_det.detection.resume import resume_hint
 from mvit_det.detection.run_config import load_config, yacs_opts_to_list
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,12 +110,28 @@ def test_lazy_train_resume_eval_only(tiny, tmp_path):
     assert list(out.glob("*.tmp*")) == []
     assert list(out.glob("events.out.tfevents.*"))
 
-    # --resume continues at iteration 8 and runs exactly the two missing iterations.
-    log = check_ok(run_train_net([*common, "train.max_iter=10", "--resume"]))
+    # Training again in the finished run's folder without --resume would replace its checkpoints: refused.
+    final = (out / "model_final.pth").read_bytes()
+    proc = run_train_net([*common, "train.max_iter=10"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"train.output_dir {out} already holds a run (its last_checkpoint names model_final.pth)" in proc.stderr
+    assert "Continue it with --resume" in proc.stderr and (out / "model_final.pth").read_bytes() == final
+
+    # --resume continues at iteration 8 and runs exactly the four missing iterations; the periodic checkpoint of the
+    # first run counts towards max_to_keep=1 (detectron2 alone would only count those saved after the resume).
+    log = check_ok(run_train_net([*common, "train.max_iter=12", "--resume"]))
     assert re.search(r"Resuming from \S*model_final\.pth at iteration 8", log)
     records = [r for r in read_metrics(out) if "total_loss" in r]
-    assert [r["iteration"] for r in records] == list(range(10))
-    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 9
+    assert [r["iteration"] for r in records] == list(range(12))
+    assert torch.load(out / "model_final.pth", weights_only=False)["iteration"] == 11
+    assert (out / "model_0000011.pth").is_file() and not (out / "model_0000007.pth").exists()
+
+    # A file that is not a checkpoint: one line naming it, no traceback.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights")
+    proc = run_train_net([*common, "--eval-only", f"train.init_checkpoint={notes}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"train_net: '{notes}' is not a checkpoint" in proc.stderr
 
     # --eval-only loads the given weights and prints box and mask AP. (Ten iterations score every box below the
     # default 0.05, and COCO AP of no detections is NaN: keep them all, so that the AP printed is a number.)
@@ -246,3 +263,23 @@ def test_config_errors_are_clear(tmp_path):
         load_config(str(tmp_path / "cfg.json"))
     proc = run_train_net(["--config", str(tmp_path / "missing.yaml")], timeout=120)
     assert proc.returncode == 2 and "missing.yaml does not exist" in proc.stderr
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    train_net = importlib.import_module("tools.train_net")
+
+    def interrupted(*args, **kwargs):
+        (out / "model_0000003.pth").write_bytes(b"")
+        (out / "last_checkpoint").write_text("model_0000003.pth")
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_net, "launch", interrupted)
+    assert train_net.cli(["--config", str(LAZY), f"train.output_dir={out}"]) == 130
+    err = capsys.readouterr().err
+    assert f"train_net: interrupted. The last checkpoint is {out / 'model_0000003.pth'}; the same command with " \
+           "--resume continues from it." in err  # fmt: skip
+    assert not (out / ".mvit_det_run.lock").exists()  # the lock is released
+    assert resume_hint(str(tmp_path)) == f"No checkpoint was saved in {tmp_path} yet; the same command starts the run again."

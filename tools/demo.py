@@ -57,6 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--confidence-threshold must be in [0, 1].")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1.")
+    if args.exported is not None:  # fixed in the graph; silently ignoring them would mislead
+        fixed = [flag for flag, given in (("--weights", args.weights is not None), ("--tta", args.tta),
+                                          ("--precision", args.precision != "fp32"),
+                                          ("--device", args.device not in (None, "cpu")), ("--opts", args.opts))
+                 if given]  # fmt: skip
+        if fixed:
+            p.error(f"{', '.join(fixed)} cannot change an --exported graph: its weights and test settings were fixed "
+                    "when it was exported, and it runs in float32 on the CPU. Re-export with tools/export_model.py "
+                    "(its --weights and --opts), or run the config with --config.")  # fmt: skip
     if args.precision == "fp16" and (args.device or "").startswith("cpu"):
         p.error("--precision fp16 needs a CUDA device; on the CPU use --precision bf16.")
     if args.input is not None and args.output is None and args.json is None:
@@ -75,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_outputs(args) -> None:
     """Every output problem is found before the model is built (raises RunError)."""
-    from mvit_det.detection.runner import VIDEO_CODECS, check_output_dir, check_output_file
+    from mvit_det.detection.runner import VIDEO_CODECS, check_not_the_input, check_output_dir, check_output_file
 
     if args.json is not None:
         check_output_file(args.json, "--json", [".json"])
@@ -84,6 +93,7 @@ def check_outputs(args) -> None:
             check_output_dir(args.output)
         elif args.video_input is not None:
             check_output_file(args.output, "--output", list(VIDEO_CODECS))
+            check_not_the_input(args.output, args.video_input)
 
 
 def build(args):
@@ -102,16 +112,7 @@ def build(args):
     return build_predictor(args.config_file, weights=args.weights, device=args.device, opts=args.opts, **options)
 
 
-def _output_name(path: str, used: set[str]) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0] or "image"
-    name, k = f"{stem}.png", 1
-    while name in used:  # two inputs with the same file name
-        name, k = f"{stem}_{k}.png", k + 1
-    used.add(name)
-    return name
-
-
-def run_on_images(args, predictor, inputs: list[str]) -> int:
+def run_on_images(args, predictor, inputs: list[str], out_paths: dict[str, str]) -> int:
     import cv2
     from tqdm import tqdm
 
@@ -121,7 +122,6 @@ def run_on_images(args, predictor, inputs: list[str]) -> int:
     if args.output:
         os.makedirs(args.output, exist_ok=True)
     failed: list[str] = []
-    used: set[str] = set()
 
     def on_skip(path: str, reason: str) -> None:
         tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
@@ -132,7 +132,7 @@ def run_on_images(args, predictor, inputs: list[str]) -> int:
         n = int((instances.scores >= args.confidence_threshold).sum())
         if args.output:
             drawn = draw_detections(bgr[:, :, ::-1], instances, predictor.metadata, args.confidence_threshold)
-            out = os.path.join(args.output, _output_name(path, used))
+            out = out_paths[path]
             if not cv2.imwrite(out, drawn[:, :, ::-1]):
                 tqdm.write(f"failed to write {out}", file=sys.stderr)
                 failed.append(path)
@@ -159,16 +159,19 @@ def run_on_images(args, predictor, inputs: list[str]) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mvit_det.checkpoint import DownloadError
-    from mvit_det.detection.runner import RunError, check_gui, expand_inputs, open_camera, open_video, run_video
+    from mvit_det.detection.runner import (RunError, check_gui, drawn_output_paths, expand_inputs, open_camera,
+                                           open_video, run_video)
 
     try:
         check_outputs(args)
         inputs: list[str] = []
+        out_paths: dict[str, str] = {}
         camera = None
         if args.input is not None:
             inputs = expand_inputs(args.input)
             if not inputs:
                 raise RunError("no input images found.")
+            out_paths = drawn_output_paths(inputs, args.output) if args.output else {}
         elif args.video_input is not None:
             open_video(args.video_input)[0].release()  # readable, before the model is built
         else:
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
         return 2
 
     if args.input is not None:
-        return run_on_images(args, predictor, inputs)
+        return run_on_images(args, predictor, inputs, out_paths)
     if args.video_input is not None:
         try:
             info = run_video(predictor, args.video_input, args.output, batch_size=args.batch_size,

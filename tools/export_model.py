@@ -77,12 +77,13 @@ def main(argv=None) -> int:
             raise ValueError(f"cannot read --sample-image {sample_path}: {e}") from None
         config, weights = args.config, args.weights
         from mvit_det.checkpoint import DownloadError
-        from mvit_det.detection.export import ExportCheckError, export_detector, load_detector
+        from mvit_det.detection.export import ExportCheckError, check_graph_size, export_detector, load_detector
 
         try:
             if args.model:
                 config, weights = _zoo_model(args.model, weights)
             model, classes = load_detector(config, weights, args.opts)
+            check_graph_size(model, args.hw)
         except DownloadError as e:
             raise ValueError(str(e)) from None
         if args.format == "onnx":

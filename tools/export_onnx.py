@@ -99,6 +99,10 @@ def main(argv=None) -> int:
         print(f"export_onnx: --output {args.output} is a folder; give the file to write, e.g. "
               f"{args.output / 'model.onnx'}", file=sys.stderr)  # fmt: skip
         return 2
+    if args.output.suffix.lower() != ".onnx":  # a typo must not replace an image or a checkpoint
+        print(f"export_onnx: --output {args.output}: the file to write must end in .onnx, e.g. "
+              f"{args.output.with_suffix('.onnx')}", file=sys.stderr)  # fmt: skip
+        return 2
     try:
         model, output_names = build(args)
     except (OSError, DownloadError, ValueError, KeyError) as e:  # unreadable or mismatched weights; offline

@@ -34,10 +34,11 @@ import torch.multiprocessing as mp  # noqa: E402
 from detectron2.engine import launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
+from mvit_det.checkpoint import CheckpointFileError
 from mvit_det.detection.builders import build_model
 from mvit_det.detection.checkpoint import MViTv2Checkpointer
 from mvit_det.detection.engine import NonFiniteLossError, do_test, do_train, register_coco_datasets, setup_run
-from mvit_det.detection.resume import OutputDirLockedError, output_dir_lock
+from mvit_det.detection.resume import OutputDirLockedError, output_dir_lock, resume_hint
 from mvit_det.detection.run_config import check_run_settings, load_config, prepare_config, run_settings
 from mvit_det.utils.malloc import keep_freed_memory
 
@@ -98,18 +99,22 @@ def main(args: argparse.Namespace):
 def run(args: argparse.Namespace):
     cfg = setup(args)
     logger = logging.getLogger("mvit_det.train_net")
-    if args.eval_only:
-        s = run_settings(cfg)
-        model = build_model(cfg)
-        # Evaluation needs every weight from the checkpoint: a layer left at its initialisation is an error.
-        MViTv2Checkpointer(model, s.output_dir, require_all=True).resume_or_load(s.init_checkpoint, resume=args.resume)
-        return do_test(cfg, model)
-    logger.info("%s", keep_freed_memory())
     try:
+        if args.eval_only:
+            s = run_settings(cfg)
+            model = build_model(cfg)
+            # Evaluation needs every weight from the checkpoint: a layer left at its initialisation is an error.
+            checkpointer = MViTv2Checkpointer(model, s.output_dir, require_all=True)
+            checkpointer.resume_or_load(s.init_checkpoint, resume=args.resume)
+            return do_test(cfg, model)
+        logger.info("%s", keep_freed_memory())
         return do_train(cfg, resume=args.resume)
     except NonFiniteLossError as e:
         logger.error("%s", e)
         sys.exit(EXIT_NONFINITE)
+    except CheckpointFileError as e:  # the message names the file and the fix; a traceback would bury it
+        print(f"train_net: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cli(argv=None) -> int:
@@ -140,6 +145,9 @@ def cli(argv=None) -> int:
     except OutputDirLockedError as e:
         print(f"train_net: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"train_net: interrupted. {resume_hint(out)}", file=sys.stderr)
+        return 130
     except mp.ProcessExitedException as e:  # a worker exited with an error code (e.g. the NaN guard)
         print(f"train_net: a worker process failed: {e}", file=sys.stderr)
         return e.exit_code or 1

@@ -2,11 +2,12 @@
 mvit-det's parameter names, download with a hash-checked cache, and load them with strict checks.
 """
 from .formats import FORMATS, CheckpointInfo, convert, describe_state_dict, detect_format
-from .io import DownloadError, download, load_file, save_checkpoint
+from .io import CheckpointFileError, DownloadError, download, load_file, save_checkpoint
 from .loading import LoadReport, load_checkpoint, open_source, read_checkpoint
 
 __all__ = [
     "FORMATS",
+    "CheckpointFileError",
     "CheckpointInfo",
     "DownloadError",
     "LoadReport",

@@ -99,9 +99,14 @@ def _refused_global(error: Exception) -> str:
     return lines[0].strip() if lines else type(error).__name__
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read as one (not a checkpoint, truncated, empty, pickled objects). A
+    ValueError, so existing handlers still catch it; tools catch this one to report it in one line."""
+
+
 def _pickled_objects(path: Path, error: Exception) -> ValueError:
     name = _refused_global(error)
-    return ValueError(
+    return CheckpointFileError(
         f"Checkpoint {str(path)!r} holds pickled Python objects, not only tensors (it needs {name}). "
         + _safe_fix(path)
         + f" If {name} is a harmless class of your own, you may instead allow exactly it with "
@@ -110,7 +115,7 @@ def _pickled_objects(path: Path, error: Exception) -> ValueError:
 
 
 def _truncated(path: Path, size: int) -> ValueError:
-    return ValueError(
+    return CheckpointFileError(
         f"Checkpoint file {str(path)!r} is truncated or corrupt ({size} bytes). This usually comes from an "
         "interrupted download or copy: delete the file and download or copy it again."
     )
@@ -137,7 +142,7 @@ def _load_safetensors(path: Path) -> dict:
         # From bytes, not safetensors.torch.load_file: that one maps the file, and overwriting it would kill us.
         return load_safetensors(path.read_bytes())
     except Exception as e:  # safetensors raises its own SafetensorError for short or bad files
-        raise ValueError(
+        raise CheckpointFileError(
             f"Could not read safetensors file {str(path)!r} ({e}); it is probably truncated: download it again."
         ) from None
 
@@ -165,7 +170,7 @@ def _load_pickle(path: Path, head: bytes, size: int) -> Any:
 
 
 def _not_a_checkpoint(path: Path, head: bytes) -> ValueError:
-    return ValueError(
+    return CheckpointFileError(
         f"{str(path)!r} is not a checkpoint: it is neither a PyTorch file (zip), a pickle nor safetensors "
         f"(it starts with {head[:16]!r}). If it came from a web link you may have saved an HTML or error page; "
         "download the .pth/.pyth/.pkl file itself and pass its path."
@@ -186,7 +191,7 @@ def load_file(path: PathLike) -> Any:
         raise IsADirectoryError(f"Checkpoint path {str(path)!r} is a directory; pass the checkpoint file inside it.")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(
+        raise CheckpointFileError(
             f"Checkpoint file {str(path)!r} is empty (0 bytes), probably from an interrupted download: "
             "delete it and download it again."
         )
@@ -230,7 +235,9 @@ def cache_path(url: str, cache_dir: Optional[PathLike] = None) -> Path:
     return cache / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}" / name
 
 
-def offline_hint(url: str, dest: Optional[Path] = None, setting: str = "pretrained='/path/to/{name}'") -> str:
+def offline_hint(url: str, dest: Optional[Path] = None,
+                 setting: str = "pretrained='/path/to/{name}' in Python, --weights /path/to/{name} on the command "
+                                "line") -> str:  # fmt: skip
     """The "download it yourself and pass the file" advice, for every URL the project resolves."""
     name = os.path.basename(urlparse(url).path) or "the file"
     where = f" (or copy it to {dest})" if dest is not None else ""

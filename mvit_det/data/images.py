@@ -115,6 +115,8 @@ def _read_file(path: Path) -> Image.Image:
         ) from None
     except PermissionError as e:
         raise ImageReadError(f"Cannot read image {path}: permission denied ({e.strerror}).") from None
+    except ImageReadError:  # from _decode, already naming the file and the reason (it is a ValueError too)
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # a header cut short fails in Image.open already
         raise ImageReadError(f"Cannot read image {path}: the file is truncated or corrupt ({e}).") from None
 

@@ -46,7 +46,7 @@ from .builders import (
     check_num_classes,
 )
 from .checkpoint import AtomicCheckpointer, MViTv2Checkpointer
-from .resume import TrainLoaderState, remove_unfinished_checkpoints
+from .resume import TrainLoaderState, periodic_checkpoints, remove_unfinished_checkpoints
 from .run_config import AnyConfig, is_lazy, run_settings
 
 __all__ = ["NonFiniteLossError", "Trainer", "do_test", "do_train", "register_coco_datasets", "setup_run", "weights_digest"]
@@ -242,13 +242,12 @@ def do_train(cfg: AnyConfig, resume: bool = False, model: Optional[nn.Module] = 
     data_state = TrainLoaderState(train_loader)
     checkpointables = {"train_data": data_state} if data_state.supported else {}
     checkpointer = AtomicCheckpointer(model, s.output_dir, trainer=trainer, **checkpointables)
+    periodic = hooks.PeriodicCheckpointer(checkpointer, s.checkpoint_period, max_to_keep=s.max_to_keep)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=build_lr_scheduler(cfg, optimizer)),
-            hooks.PeriodicCheckpointer(checkpointer, s.checkpoint_period, max_to_keep=s.max_to_keep)
-            if comm.is_main_process()
-            else None,
+            periodic if comm.is_main_process() else None,
             _EvalHook(s.eval_period, evaluate),
             hooks.PeriodicWriter(default_writers(s.output_dir, s.max_iter), period=s.log_period)
             if comm.is_main_process()
@@ -269,6 +268,9 @@ def do_train(cfg: AnyConfig, resume: bool = False, model: Optional[nn.Module] = 
     start_iter = trainer.iter + 1 if resume and loader.has_checkpoint() else 0
     if start_iter:
         logger.info("Resuming from %s at iteration %d.", checkpointer.get_checkpoint_file(), start_iter)
+        # detectron2 remembers only the checkpoints this process saved: without this, max_to_keep would never
+        # delete those of the interrupted run.
+        periodic.recent_checkpoints = periodic_checkpoints(s.output_dir, before=start_iter)
         skipped = data_state.skip_batches(start_iter)
         if skipped:
             logger.info("The training data continue after the %d images per process used so far.", skipped)

@@ -315,6 +315,18 @@ def _write_graph(model: GeneralizedRCNN, fmt: str, image: torch.Tensor, size: to
     return names, reference
 
 
+def check_graph_size(model: GeneralizedRCNN, hw: Sequence[int]) -> None:
+    """The graph's fixed input must be a multiple of the backbone's ``size_divisibility`` (the FPN levels must
+    line up); raises ValueError naming the nearest sizes that work."""
+    div = int(getattr(model.backbone, "size_divisibility", 0) or 0)
+    if div > 1 and (hw[0] % div or hw[1] % div):
+        near = "x".join(str(max(div, round(s / div) * div)) for s in hw)
+        raise ValueError(
+            f"--img-size {hw[0]}x{hw[1]}: each side must be a multiple of {div} (the backbone's size_divisibility), "
+            f"e.g. --img-size {near}."
+        )
+
+
 def export_detector(model: GeneralizedRCNN, fmt: str, output_dir: Union[str, os.PathLike], sample: np.ndarray,
                     hw: Sequence[int], class_names: Optional[list[str]] = None, opset: int = 18,
                     info: Optional[dict] = None, tolerance: Optional[dict] = None,
@@ -325,11 +337,12 @@ def export_detector(model: GeneralizedRCNN, fmt: str, output_dir: Union[str, os.
     :class:`ExportCheckError` when the check fails."""
     if fmt not in FORMATS:
         raise ValueError(f"Unsupported export format {fmt!r}; use one of {', '.join(FORMATS)}.")
+    hw = (int(hw[0]), int(hw[1]))
+    check_graph_size(model, hw)
     out_dir = Path(output_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--output {out_dir} is a file; give a folder (it is created if needed).")
     out_dir.mkdir(parents=True, exist_ok=True)
-    hw = (int(hw[0]), int(hw[1]))
     model = model.eval()
     channel_order = str(model.input_format)
     image, (h, w) = prepare_image(sample, hw, channel_order)

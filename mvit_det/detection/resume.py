@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -28,8 +29,8 @@ from torch.utils.data import Sampler
 from ..utils.atomic import parse_temp_name
 
 __all__ = [
-    "LOCK_NAME", "OutputDirLockedError", "TrainLoaderState", "check_output_dir", "output_dir_lock",
-    "remove_unfinished_checkpoints",
+    "LOCK_NAME", "OutputDirLockedError", "TrainLoaderState", "check_output_dir", "last_checkpoint_name",
+    "output_dir_lock", "periodic_checkpoints", "remove_unfinished_checkpoints", "resume_hint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,34 @@ class TrainLoaderState:
 # ---------------------------------------------------------------------------------------------------------------
 # One run per output folder
 # ---------------------------------------------------------------------------------------------------------------
+def last_checkpoint_name(output_dir: str) -> Optional[str]:
+    """The file ``<output_dir>/last_checkpoint`` names; None when the folder holds no run."""
+    try:
+        with open(os.path.join(output_dir, "last_checkpoint"), encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def resume_hint(output_dir: str) -> str:
+    """What to do after an interrupted run, naming the checkpoint it would continue from."""
+    name = last_checkpoint_name(output_dir)
+    if name is None:
+        return f"No checkpoint was saved in {output_dir} yet; the same command starts the run again."
+    return f"The last checkpoint is {os.path.join(output_dir, name)}; the same command with --resume continues from it."
+
+
+def periodic_checkpoints(output_dir: str, before: int) -> list[str]:
+    """The periodic checkpoints ``model_NNNNNNN.pth`` of the run in ``output_dir`` saved before iteration
+    ``before``, oldest first (as detectron2's PeriodicCheckpointer lists the ones it saved)."""
+    found = []
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r"model_(\d{7})\.pth", name)
+        if m and int(m.group(1)) < before:
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
 def check_output_dir(output_dir: str, key: str = "the output folder") -> None:
     """Create ``output_dir`` if needed and prove that a file can be written in it; ``ValueError`` otherwise."""
     try:

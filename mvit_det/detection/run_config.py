@@ -22,7 +22,7 @@ from detectron2.config import CfgNode, LazyConfig, get_cfg
 
 from ..data.coco import check_datasets_registered
 from .config import add_mvitv2_config, check_lazy_overrides, unknown_yacs_key_message
-from .resume import check_output_dir
+from .resume import check_output_dir, last_checkpoint_name
 
 __all__ = [
     "RunSettings",
@@ -76,6 +76,12 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path} does not exist. Configs live under configs/ in the repository.")
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:  # argparse's REMAINDER gave --opts the options typed after it
+        raise ValueError(
+            f"{' '.join(flags)} came after the config overrides (--opts), which take every later argument as an "
+            "override: put the overrides last on the command line."
+        )
     ext = os.path.splitext(path)[1].lower()
     if ext == ".py":
         bad = [o for o in opts if "=" not in o]
@@ -266,8 +272,9 @@ def check_run_settings(cfg: AnyConfig, *, eval_only: bool = False, resume: bool 
 
     Checked: integer settings are integers; ``max_iter`` >= 1 for training; checkpoint and log periods >= 1 and
     the evaluation period >= 0; the total batch size >= 1 and divisible by the number of processes; the output
-    folder can be written; with ``--resume``, ``last_checkpoint`` names a complete file; a local initial
-    checkpoint exists. Raises ``ValueError`` / ``FileNotFoundError`` naming the setting and the fix.
+    folder can be written and, when training without ``--resume``, holds no earlier run; with ``--resume``,
+    ``last_checkpoint`` names a complete file; a local initial checkpoint exists. Raises ``ValueError`` /
+    ``FileNotFoundError`` naming the setting and the fix.
     """
     s = run_settings(cfg)  # integer settings
     k = lambda lazy, yacs: _key(cfg, lazy, yacs)  # noqa: E731
@@ -298,7 +305,15 @@ def check_run_settings(cfg: AnyConfig, *, eval_only: bool = False, resume: bool 
                 f"{key} is {batch}, which the {world_size} processes cannot share equally; use a multiple of "
                 f"{world_size}."
             )
-    check_output_dir(s.output_dir, _key(cfg, "train.output_dir", "OUTPUT_DIR"))
+    out_key = _key(cfg, "train.output_dir", "OUTPUT_DIR")
+    check_output_dir(s.output_dir, out_key)
+    previous = last_checkpoint_name(s.output_dir)
+    if not eval_only and not resume and previous is not None:
+        raise ValueError(
+            f"{out_key} {s.output_dir} already holds a run (its last_checkpoint names {previous}); training again "
+            f"there would replace its checkpoints. Continue it with --resume, or set {out_key} to a new folder (or "
+            "delete the old one) to start over."
+        )
     last = os.path.join(s.output_dir, "last_checkpoint")
     if resume and os.path.isfile(last):
         _check_last_checkpoint(last)

@@ -84,6 +84,37 @@ def check_output_dir(path: str) -> None:
         os.makedirs(parent, exist_ok=True)
 
 
+def drawn_output_paths(inputs: Sequence[str], out_dir: str) -> dict[str, str]:
+    """Where each input's drawing goes: ``out_dir/<stem>.png``, numbered when two inputs share a stem.
+
+    Raises RunError, before any model is built, when a drawing would replace one of the inputs (``--output`` is the
+    input folder and holds ``x.png`` beside ``x.jpg``, or ``x.png`` itself).
+    """
+    sources = {os.path.realpath(p) for p in inputs if os.path.isfile(p)}
+    used: set[str] = set()
+    out: dict[str, str] = {}
+    for path in inputs:
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        name, k = f"{stem}.png", 1
+        while name in used:  # two inputs with the same file name
+            name, k = f"{stem}_{k}.png", k + 1
+        used.add(name)
+        target = os.path.join(out_dir, name)
+        if os.path.realpath(target) in sources:
+            raise RunError(
+                f"--output {out_dir}: the drawing of {path} would replace the input {target}. "
+                "Write the drawings to another folder."
+            )
+        out[path] = target
+    return out
+
+
+def check_not_the_input(output: str, source: str, what: str = "--output") -> None:
+    """Refuse an output file that is the input itself (the input would be replaced by its own drawing)."""
+    if os.path.exists(output) and os.path.exists(source) and os.path.samefile(output, source):
+        raise RunError(f"{what} {output} is the input file; give another file name, so that the input is kept.")
+
+
 def check_output_file(path: str, what: str, exts: Optional[Sequence[str]] = None) -> None:
     """``path`` must be a file path whose folder exists or can be made, with one of ``exts``."""
     if os.path.isdir(path):

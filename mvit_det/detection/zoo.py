@@ -224,7 +224,7 @@ def fetch_checkpoint(url: str, *, progress: bool = True) -> Path:
                 os.unlink(path)
                 where = "Nothing was cached; try again."
             else:
-                where = f"Delete {path} and try again, or pass the right file with pretrained='/path/to/{name}'."
+                where = f"Delete {path} and try again, or pass the right file with pretrained='/path/to/{name}' (--weights on the command line)."
             raise DownloadError(
                 f"Checkpoint {name}: its MD5 {digest[:12]}... does not start with {m.group(1)!r} (the hash in the file "
                 f"name), so it is corrupt or not the published file. {where}"
