@@ -110,6 +110,8 @@ def test_output_problems_fail_before_the_model_is_built(tmp_path, monkeypatch, c
     assert "does not exist" in capsys.readouterr().err
     assert demo.main(["--config", TOY, "--video-input", str(image), "--output", str(tmp_path / "o.gif")]) == 2
     assert "unsupported extension; use one of .mp4" in capsys.readouterr().err
+    assert demo.main(["--config", TOY, "--input", str(tmp_path / "typo.jpg"), "--json", str(tmp_path / "o.json")]) == 2
+    assert f"no input images found: {tmp_path / 'typo.jpg'} does not exist." in capsys.readouterr().err
     # drawings that would replace an input (the folder is its own --output)
     before = image.read_bytes()
     assert demo.main(["--config", TOY, "--input", str(tmp_path), "--output", str(tmp_path)]) == 2

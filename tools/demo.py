@@ -171,6 +171,9 @@ def main(argv=None) -> int:
             inputs = expand_inputs(args.input)
             if not inputs:
                 raise RunError("no input images found.")
+            if not any(os.path.exists(p) for p in inputs):  # a typo: say so before building (or downloading) a model
+                raise RunError(f"no input images found: {', '.join(inputs[:5])} {'does' if len(inputs) == 1 else 'do'} "
+                               "not exist.")  # fmt: skip
             out_paths = drawn_output_paths(inputs, args.output) if args.output else {}
         elif args.video_input is not None:
             open_video(args.video_input)[0].release()  # readable, before the model is built
