@@ -108,6 +108,50 @@ def test_lazy_predictor_input_errors(weights):
         LazyPredictor(str(REPO / "configs" / "nope.py"))
 
 
+def test_build_predictor_takes_a_loaded_config_and_leaves_it_alone(weights, image_bgr):
+    for path, key, opts in [(LAZY, "model.roi_heads.box_predictor.test_score_thresh", ["{}=0.0"]),
+                            (YACS, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", ["{}", "0.0"])]:  # fmt: skip
+        cfg = load_config(str(path))
+        before = _get(cfg, key)
+        p = build_predictor(cfg, weights=weights, device="cpu", opts=[o.format(key) for o in opts])
+        assert _get(p.cfg, key) == 0.0 and _get(cfg, key) == before != 0.0
+        _check_instances(p(image_bgr)["instances"])
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def test_api_misuse_gets_the_fix():
+    with pytest.raises(FileNotFoundError, match=r"is a detector of the model zoo: use "
+                                                r"mvit_det\.detection\.zoo\.get_detector\('mask_rcnn_mvitv2_t_3x'\)"):
+        build_predictor("mask_rcnn_mvitv2_t_3x")
+    with pytest.raises(TypeError, match="opts must be a list of strings, got 'train.max_iter=3'"):
+        build_predictor(str(LAZY), weights="", opts="train.max_iter=3")
+    with pytest.raises(TypeError, match="takes a LazyConfig .* not a MViTv2"):
+        from mvit_det.models import MViTv2
+
+        LazyPredictor(MViTv2("tiny"))
+    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
+        build_predictor(str(LAZY), weights="", device="tpu")
+    if not torch.cuda.is_available():  # the same check with a GPU present: resolve_device's index test below
+        with pytest.raises(ValueError, match="asks for a CUDA GPU, but torch sees none"):
+            build_predictor(str(LAZY), weights="", device="cuda")
+
+
+def test_resolve_device_counts_the_gpus(monkeypatch):
+    from mvit_det.detection.predictor import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def _demo(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     return subprocess.run(

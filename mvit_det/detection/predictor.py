@@ -32,6 +32,7 @@ Options of both (keyword arguments of the constructors and of :func:`build_predi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -39,16 +40,17 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import detectron2.data.transforms as T
 import numpy as np
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import GeneralizedRCNN, GeneralizedRCNNWithTTA
 from detectron2.structures import Boxes
+from omegaconf import DictConfig
 
 from ..models.fastpath import log_bf16_fallback, native_bf16
 from .checkpoint import MViTv2Checkpointer
-from .run_config import is_lazy, load_config
+from .run_config import apply_overrides, is_lazy, load_config
 
 __all__ = ["PRECISIONS", "CheckedDefaultPredictor", "LazyPredictor", "build_predictor", "dataset_metadata"]
 
@@ -117,6 +119,22 @@ def _check_resizable(augs: Sequence[T.Augmentation], height: int, width: int) ->
                         f"side {short}, long side at most {aug.max_size}) its shorter side would be resized to 0 "
                         f"pixels. Crop it, or cut it into tiles, to an aspect ratio of at most {2 * aug.max_size}:1."
                     )
+
+
+def resolve_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """``device`` as a torch.device (default: CUDA if available, else CPU); ValueError with the fix for a CUDA device
+    this machine does not have, rather than torch's driver error from deep inside the first ``.to()``."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"Unknown device {device!r} ({e}); use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asks for a CUDA GPU, but torch sees none on this machine "
+                             "(torch.cuda.is_available() is False); use device 'cpu'.")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return dev
 
 
 def _autocast_context(device: torch.device, precision: str):
@@ -324,6 +342,11 @@ class LazyPredictor(_BatchedPredictor):
         precision: str = "fp32",
         tta: Union[bool, Mapping] = False,
     ):
+        if not isinstance(cfg, (str, os.PathLike, Mapping)):
+            raise TypeError(
+                f"LazyPredictor takes a LazyConfig (.py path or the loaded config), not a {type(cfg).__name__}. "
+                "Build detectors from their config: LazyPredictor('configs/mvitv2_t_maskrcnn.py', weights=...)."
+            )
         if isinstance(cfg, (str, os.PathLike)):
             path = os.fspath(cfg)
             if not os.path.isfile(path):
@@ -338,7 +361,7 @@ class LazyPredictor(_BatchedPredictor):
             if key not in cfg:
                 raise ValueError(f"LazyPredictor: the config has no '{key}' entry; is this a detectron2 LazyConfig?")
         self.cfg = cfg
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         _autocast_context(self.device, precision)  # refuse fp16 on the CPU before building the model
 
         test = cfg.dataloader.test
@@ -401,7 +424,7 @@ class CheckedDefaultPredictor(_BatchedPredictor, DefaultPredictor):
 
 
 def build_predictor(
-    config_path: str,
+    config_path: Union[str, os.PathLike, DictConfig, CfgNode],
     weights: Optional[str] = None,
     device: Optional[str] = None,
     opts: Sequence[str] = (),
@@ -413,7 +436,8 @@ def build_predictor(
     """A predictor for a ``.py`` (``LazyPredictor``) or ``.yaml`` (``CheckedDefaultPredictor``) config.
 
     Args:
-        config_path: the config file.
+        config_path: the config file, or a config already loaded (a LazyConfig ``DictConfig`` or a yacs
+            ``CfgNode``; copied, then ``opts`` applied).
         weights: checkpoint; ``None`` keeps the config's (``train.init_checkpoint`` / ``MODEL.WEIGHTS``).
         device: default CUDA if available, else CPU.
         opts: config overrides (``key=value`` for ``.py``; ``KEY VALUE`` or ``KEY=VALUE`` for ``.yaml``).
@@ -421,8 +445,22 @@ def build_predictor(
 
     The returned predictor has a ``metadata`` attribute with the test dataset's class names.
     """
-    cfg = load_config(config_path, opts)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(config_path, (DictConfig, CfgNode)):
+        cfg = apply_overrides(copy.deepcopy(config_path), opts)  # the caller's config stays as it was
+    else:
+        if not isinstance(config_path, (str, os.PathLike)):
+            raise TypeError(f"build_predictor takes a config file path or a loaded config, not a "
+                            f"{type(config_path).__name__}.")  # fmt: skip
+        try:
+            cfg = load_config(os.fspath(config_path), opts)
+        except FileNotFoundError as e:
+            from .zoo import DETECTORS  # a zoo name given as a path; imported here: the zoo imports this module
+
+            if os.fspath(config_path) in DETECTORS:
+                raise FileNotFoundError(f"{e} {config_path!r} is a detector of the model zoo: use "
+                                        f"mvit_det.detection.zoo.get_detector({config_path!r}).") from None  # fmt: skip
+            raise
+    device = str(resolve_device(device))
     options = dict(batch_size=batch_size, precision=precision, tta=tta)
     if is_lazy(cfg):
         return LazyPredictor(cfg, weights=weights, device=device, **options)

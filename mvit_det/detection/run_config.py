@@ -7,6 +7,7 @@ The predictor, the exporter and the trainer all load configs through here.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from .resume import check_output_dir, last_checkpoint_name
 
 __all__ = [
     "RunSettings",
+    "apply_overrides",
     "check_run_settings",
     "is_lazy",
     "load_config",
@@ -76,22 +78,26 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path} does not exist. Configs live under configs/ in the repository.")
-    flags = [o for o in opts if o.startswith("--")]
-    if flags:  # argparse's REMAINDER gave --opts the options typed after it
-        raise ValueError(
-            f"{' '.join(flags)} came after the config overrides (--opts), which take every later argument as an "
-            "override: put the overrides last on the command line."
-        )
+    opts = _check_opts(opts)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".py":
-        bad = [o for o in opts if "=" not in o]
-        if bad:
-            raise ValueError(
-                f"LazyConfig overrides must be key=value, got {bad}. Example: train.max_iter=100 "
-                "dataloader.train.total_batch_size=2."
-            )
+        _check_lazy_opts(opts)
+        return apply_overrides(LazyConfig.load(path), opts)
+    if ext in (".yaml", ".yml"):
+        cfg = get_cfg()
+        add_mvitv2_config(cfg)
+        with _yacs_key_errors(cfg):
+            merge_yaml_safely(cfg, path)
+        return apply_overrides(cfg, opts)
+    raise ValueError(f"Unknown config type {path!r}: use a LazyConfig .py file or a yacs .yaml file.")
 
-        cfg = LazyConfig.load(path)
+
+def apply_overrides(cfg: AnyConfig, opts: Sequence[str] = ()) -> AnyConfig:
+    """Apply command-line style overrides to a loaded config (in place for yacs; returns the config), with the
+    checks of :func:`load_config`: unknown keys get "did you mean", unreadable values the quoting to use."""
+    opts = _check_opts(opts)
+    if is_lazy(cfg):
+        _check_lazy_opts(opts)
         check_lazy_overrides(cfg, opts)  # apply_overrides would add a mistyped key silently
         for override in opts:  # one at a time (as apply_overrides does), to name the one it cannot read
             try:
@@ -101,19 +107,49 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
                     raise
                 raise ValueError(_override_quoting_message(override, e)) from None
         return cfg
-    if ext in (".yaml", ".yml"):
-        cfg = get_cfg()
-        add_mvitv2_config(cfg)
-        try:
-            merge_yaml_safely(cfg, path)
-            cfg.merge_from_list(yacs_opts_to_list(opts))
-        except (KeyError, AssertionError) as e:  # yacs: KeyError from files, AssertionError from lists
-            m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
-            if m is None:
-                raise
-            raise ValueError(unknown_yacs_key_message(cfg, m.group(1))) from None
-        return cfg
-    raise ValueError(f"Unknown config type {path!r}: use a LazyConfig .py file or a yacs .yaml file.")
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    with _yacs_key_errors(cfg):
+        cfg.merge_from_list(yacs_opts_to_list(opts))
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def _check_opts(opts: Sequence[str]) -> list[str]:
+    if isinstance(opts, str) or not all(isinstance(o, str) for o in opts):
+        raise TypeError(
+            f"opts must be a list of strings, got {opts!r}: e.g. ['train.max_iter=100'] for a LazyConfig, "
+            "['SOLVER.MAX_ITER', '100'] for yacs."
+        )
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:  # argparse's REMAINDER gave --opts the options typed after it
+        raise ValueError(
+            f"{' '.join(flags)} came after the config overrides (--opts), which take every later argument as an "
+            "override: put the overrides last on the command line."
+        )
+    return list(opts)
+
+
+def _check_lazy_opts(opts: Sequence[str]) -> None:
+    bad = [o for o in opts if "=" not in o]
+    if bad:
+        raise ValueError(
+            f"LazyConfig overrides must be key=value, got {bad}. Example: train.max_iter=100 "
+            "dataloader.train.total_batch_size=2."
+        )
+
+
+@contextlib.contextmanager
+def _yacs_key_errors(cfg: CfgNode):
+    """yacs' unknown-key errors (KeyError from files, AssertionError from lists) as "did you mean" ValueErrors."""
+    try:
+        yield
+    except (KeyError, AssertionError) as e:
+        m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+        if m is None:
+            raise
+        raise ValueError(unknown_yacs_key_message(cfg, m.group(1))) from None
 
 
 def _override_quoting_message(override: str, error: Exception) -> str:
