@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from mvit_det.checkpoint.described import read_description
+from mvit_det.checkpoint.loading import CheckpointMismatchError
+from mvit_det.classification.cli_messages import mismatch_for_cli
 from mvit_det.classification.described import described_eval_dataset
 from mvit_det.utils.cli import non_negative_int, positive_int
 from mvit_det.utils.dist import is_distributed
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DatasetError, ModelSpecError, FileNotFoundError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CheckpointMismatchError as e:
+        print(f"error: {_mismatch_message(e, args)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
@@ -132,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: none of the {summary['images']} images could be read (all skipped).", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _mismatch_message(error: CheckpointMismatchError, args: argparse.Namespace) -> str:
+    """The loader's Python advice (get_model(num_classes=...), strict=False) in MODEL / model-config terms."""
+    config = args.model if str(args.model).lower().endswith((".yaml", ".yml", ".json")) else None
+    message = mismatch_for_cli(error, model_flag="MODEL", config=config, configs_accepted=True)
+    if getattr(args, "described", False):
+        message += (f"\n{args.checkpoint} describes its own model: give it alone (cls_eval.py {args.checkpoint} "
+                    "--data DIR) to use that.")
+    return message
 
 
 def _prepare(args: argparse.Namespace, torchrun: bool) -> tuple[EvalJob, int]:
@@ -155,6 +170,7 @@ def _prepare(args: argparse.Namespace, torchrun: bool) -> tuple[EvalJob, int]:
         args.model, args.checkpoint = SELF_DESCRIBED, args.model
     checkpoint_file = _local_checkpoint(args.checkpoint, torchrun)
     description = read_description(checkpoint_file)
+    args.described = description is not None and args.model != SELF_DESCRIBED
     if args.model == SELF_DESCRIBED and description is None:
         raise UsageError(
             f"{args.checkpoint} does not describe its model (only checkpoints written by tools/cls_train.py do): "

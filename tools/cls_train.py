@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 if __package__:  # imported as tools.cls_train (the tests)
     from .openmp_policy import choose_before_torch, processes_from_argv
@@ -27,11 +28,19 @@ import torch  # noqa: E402
 from mvit_det.checkpoint import DownloadError
 from mvit_det.classification.datasets import LAYOUTS, DatasetError
 from mvit_det.classification.recipes import RECIPES, RecipeError
-from mvit_det.classification.train import OutputError, ResumeError, TrainConfig, TrainingDiverged, train
+from mvit_det.classification.train import (
+    OutputError,
+    PretrainedError,
+    ResumeError,
+    TrainConfig,
+    TrainingDiverged,
+    train,
+)
+from mvit_det.classification.train_state import interrupted_hint
 from mvit_det.models import list_models
 from mvit_det.utils.malloc import keep_freed_memory
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = f"""\
 {LAYOUTS}
@@ -44,8 +53,11 @@ recipe: AdamW, lr 2.5e-4 per 256 images, 300 epochs with 70 of warm-up, ...) and
 EMA, 30 epochs). --epochs/--batch-size/--lr/--img-size change the recipe last. Without --lr the learning rate
 scales linearly with the global batch (--batch-size: all processes and accumulation steps together).
 
-exit status: 0 trained (or stopped at --stop-at-step), 1 other failure, 2 bad arguments or data, 3 the loss became
-NaN/Inf (the last good checkpoint is kept; --resume continues from it).
+OUT must not hold an earlier run (last.pth, model_final.pth, metrics.json, ...) unless --resume continues it.
+
+exit status: 0 trained (or stopped at --stop-at-step), 1 other failure, 2 bad arguments or data (also an OUT that
+holds a run, without --resume), 3 the loss became NaN/Inf (the last good checkpoint is kept; --resume continues from
+it), 130 interrupted (Ctrl-C; --resume continues from OUT/last.pth).
 """
 
 
@@ -70,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="B", help="global batch over all processes (recipe: 256)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's base lr scaled to the batch)")
     p.add_argument("--output", default="output/cls_train", metavar="OUT", help="output folder (default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pth when it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pth when it exists (without it, an OUT that holds a run is refused)")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast precision (fp16: CUDA only); default float32")
     p.add_argument("--num-procs", type=int, default=1, metavar="N", help="spawn N local CPU processes (gloo)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
@@ -121,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             spawn_cpu(train, (cfg,), args.num_procs)
         else:
             train(cfg)
-    except (DatasetError, RecipeError, OutputError, ResumeError, FileNotFoundError) as e:
+    except (DatasetError, RecipeError, OutputError, ResumeError, PretrainedError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except DownloadError as e:
@@ -137,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         diverged = any(line.startswith(TrainingDiverged.__qualname__) or ".TrainingDiverged" in line for line in lines)
         return EXIT_DIVERGED if diverged else EXIT_FAILURE
     except KeyboardInterrupt:
-        print("interrupted; --resume continues from the last saved state", file=sys.stderr)
-        return EXIT_FAILURE
+        print(f"interrupted. {interrupted_hint(Path(args.output))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILURE

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
            "--output", str(train_out), "--workers", str(args.workers)]
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
+    if train_out.exists():  # this demo's own earlier run (seeded: a rerun trains it again, to the same weights)
+        print(f"[2/5] removing the previous demo run in {train_out}", flush=True)
+        shutil.rmtree(train_out)
     print("[2/5] training:", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)

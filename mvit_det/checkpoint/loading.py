@@ -27,7 +27,15 @@ from ..models import MODEL_CARDS, MViTv2
 from .formats import CheckpointInfo, ConvertedCheckpoint, convert, describe_state_dict
 from .io import download, is_url, load_file
 
-__all__ = ["LoadReport", "check_checkpoint", "load_checkpoint", "open_source", "read_checkpoint", "refuse_integer_weights"]
+__all__ = [
+    "CheckpointMismatchError",
+    "LoadReport",
+    "check_checkpoint",
+    "load_checkpoint",
+    "open_source",
+    "read_checkpoint",
+    "refuse_integer_weights",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,17 @@ Source = Union[str, os.PathLike, Mapping[str, Any]]
 _LIST_CAP = 10
 _SCALE_NORM_RE = re.compile(r"^scale\d_norm\.")
 _CLASSIFIER_ONLY = ("norm.", "head.")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit the model (strict load). The message gives the Python fixes; the fields let a
+    command-line tool name its own flags instead (``headline``, then its fix, then ``details``)."""
+
+    def __init__(self, message: str, *, headline: str, details: list[str], checkpoint_info: CheckpointInfo,
+                 model_info: CheckpointInfo, detection: bool):
+        super().__init__(message)
+        self.headline, self.details = headline, details
+        self.checkpoint_info, self.model_info, self.detection = checkpoint_info, model_info, detection
 
 
 @dataclass
@@ -184,6 +203,8 @@ def _diagnose(ck: CheckpointInfo, m: CheckpointInfo, detection: bool) -> list[st
         else:
             hints.append(
                 f"classifier head size: the checkpoint has {ck.num_classes} classes, the model {m.num_classes}. "
+                f"To use the checkpoint's classifier, build the model with num_classes={ck.num_classes} "
+                f"(MViTv2(..., num_classes={ck.num_classes})). "
                 f"To fine-tune on {m.num_classes} classes pass num_classes={m.num_classes} to get_model (the head "
                 "is then freshly initialised), or load_checkpoint(..., skip_head=True), or strict=False."
             )
@@ -324,7 +345,7 @@ def check_checkpoint(
     report.missing = [k for k in model_sd if k not in ckpt and k not in skip]
 
     if strict and not report.complete:
-        raise ValueError(_mismatch_message(label, conv.format, ck_info, m_info, detection, report))
+        raise _mismatch_error(label, conv.format, ck_info, m_info, detection, report)
 
     report.loaded = sorted(to_load)
     return report, to_load
@@ -344,26 +365,28 @@ def _check_model(model: nn.Module) -> None:
     raise TypeError(f"load_checkpoint loads into an MViTv2 model, got a {type(model).__name__}.")
 
 
-def _mismatch_message(
+def _mismatch_error(
     label: str, fmt: str, ck: CheckpointInfo, m: CheckpointInfo, detection: bool, report: LoadReport
-) -> str:
-    lines = [f"Checkpoint {label} ({fmt} format) does not fit the model ({_model_label(m, detection)})."]
+) -> CheckpointMismatchError:
+    headline = f"Checkpoint {label} ({fmt} format) does not fit the model ({_model_label(m, detection)})."
     hints = _diagnose(ck, m, detection)
-    lines += [f"Likely cause: {h}" for h in hints]
+    details = []
     if report.missing:
-        lines.append(f"Missing from the checkpoint ({len(report.missing)}): {_cap(report.missing)}")
+        details.append(f"Missing from the checkpoint ({len(report.missing)}): {_cap(report.missing)}")
     if report.unexpected:
-        lines.append(f"Unexpected in the checkpoint ({len(report.unexpected)}): {_cap(report.unexpected)}")
+        details.append(f"Unexpected in the checkpoint ({len(report.unexpected)}): {_cap(report.unexpected)}")
     if report.mismatched:
         shapes = [f"{k} checkpoint {list(a)} vs model {list(b)}" for k, a, b in report.mismatched]
-        lines.append(f"Shape mismatch ({len(shapes)}): {_cap(shapes)}")
+        details.append(f"Shape mismatch ({len(shapes)}): {_cap(shapes)}")
+    lines = [headline, *(f"Likely cause: {h}" for h in hints), *details]
     lines.append(
         "Fix: "
         + ("see the likely cause above. " if hints else "use the checkpoint made for this model. ")
         + "Or pass strict=False to load only the matching weights (everything skipped is logged and listed "
         "in the returned LoadReport)."
     )
-    return "\n".join(lines)
+    return CheckpointMismatchError("\n".join(lines), headline=headline, details=details, checkpoint_info=ck,
+                                   model_info=m, detection=detection)
 
 
 def _log(report: LoadReport, detection: bool) -> None:

@@ -197,6 +197,11 @@ def _validate(r: Recipe) -> None:
         (0 <= r.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {r.label_smoothing}"),
         (0 < r.scale[0] <= r.scale[1] <= 1, f"scale must satisfy 0 < min <= max <= 1, got {list(r.scale)}"),
     ]
+    # Probabilities outside 0..1 are accepted silently by timm (7 acts as 1); say so instead.
+    checks += [(0 <= getattr(r, k) <= 1, f"{k} is a probability and must be in 0..1, got {getattr(r, k)}")
+               for k in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob")]
+    checks += [(getattr(r, k) >= 0, f"{k} must be >= 0 (0 turns it off), got {getattr(r, k)}")
+               for k in ("mixup", "cutmix", "color_jitter", "weight_decay")]
     for ok, message in checks:
         if not ok:
             raise RecipeError(message + ".")

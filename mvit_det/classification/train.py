@@ -56,20 +56,26 @@ from .train_data import (
 from .train_report import MetricsLog, confusion_matrix, plot_confusion_matrix
 from .train_state import (
     OutputError,
+    PretrainedError,
     ResumeError,
     TrainingDiverged,
     atomic_save,
     create_train_model,
     create_train_optimizer,
     build_scheduler,
+    check_batch,
     check_output,
+    check_previous_run,
     freeze_stages,
+    interrupt_after,
     load_pretrained,
+    probe_output,
+    resume_difference,
     rng_state,
     set_rng_state,
 )
 
-__all__ = ["OutputError", "ResumeError", "TrainConfig", "TrainingDiverged", "train"]
+__all__ = ["OutputError", "PretrainedError", "ResumeError", "TrainConfig", "TrainingDiverged", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,41 +172,42 @@ class _Run:
         self.device = _device(cfg)
         self.rank, self.world, self.own_group = _setup_distributed(self.device)
         self.out = Path(cfg.output)
+        # Every argument is checked before the output folder is created, so a typo leaves nothing behind.
+        self.recipe: Recipe = resolve_recipe(get_card(cfg.model).size, cfg.recipe, cfg.config, cfg.overrides)
+        r = self.recipe
+        check_batch(r, self.world, cfg.accum_steps)
         if self.rank == 0:
-            check_output(self.out)
+            check_previous_run(self.out, cfg.resume)
+            probe_output(self.out)
         self.data = _broadcast(
             prepare_data(cfg.data, labels=cfg.labels, val_data=cfg.val_data, val_labels=cfg.val_labels,
                          val_split=cfg.val_split, seed=cfg.seed) if self.rank == 0 else None,
             self.rank, self.world,
         )  # fmt: skip
-
-        self.recipe: Recipe = resolve_recipe(get_card(cfg.model).size, cfg.recipe, cfg.config, cfg.overrides)
         self.names = self.data.class_names
-        r = self.recipe
         self.sampler = GlobalBatchSampler(len(self.data.train), r.batch_size, self.world, self.rank, cfg.accum_steps, cfg.seed)
         self.mixup = None
         if r.mixup > 0 or r.cutmix > 0:
-            if self.sampler.micro % 2:
-                raise ValueError(
-                    f"Mixup/CutMix pairs images inside each micro-batch, which must be even; it is "
-                    f"{self.sampler.micro} (batch {r.batch_size} / {self.world} process(es) / {cfg.accum_steps} "
-                    "accumulation step(s)). Choose another --batch-size, or set mixup: 0 and cutmix: 0."
-                )
-
             self.mixup = Mixup(
                 mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, prob=r.mixup_prob, switch_prob=r.mixup_switch_prob,
                 mode="batch", label_smoothing=r.label_smoothing, num_classes=len(self.names),
             )
         self._build_model()
+        if self.rank == 0:
+            check_output(self.out)
 
     def _build_model(self) -> None:
         cfg, r = self.cfg, self.recipe
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model, self.model_kwargs = create_train_model(cfg.model, len(self.names), r, cfg.act_checkpoint)
-        how = load_pretrained(self.model, cfg.model, cfg.pretrained)
+        # A resumed run takes every weight from last.pth: the initial weights would be replaced unread (and their
+        # log line would contradict the "Resumed from" that follows).
+        resuming = cfg.resume and (self.out / "last.pth").is_file()
+        how = None if resuming else load_pretrained(self.model, cfg.model, cfg.pretrained)
         frozen = freeze_stages(self.model, r.freeze_stages)
         if self.rank == 0:
-            logger.info("%s: %s", cfg.model, how)
+            if how is not None:
+                logger.info("%s: %s", cfg.model, how)
             if frozen:
                 logger.info("Frozen (stem and the first %d stage(s)): %d tensors", r.freeze_stages, len(frozen))
         self.model.to(self.device)
@@ -220,7 +227,7 @@ class _Run:
         else:
             self.criterion = torch.nn.CrossEntropyLoss()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, n, train seconds, skipped images (this process, this epoch)
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, n, train seconds, unreadable images (this process, this epoch)
         self.best_top1, self.records = -1.0, []
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -242,7 +249,8 @@ class _Run:
         )
 
     def save_weights(self, name: str, **extra: Any) -> Path:
-        return save_checkpoint(self.eval_model().state_dict(), self.out / name, meta=self.description(**extra))
+        with interrupt_after():
+            return save_checkpoint(self.eval_model().state_dict(), self.out / name, meta=self.description(**extra))
 
     def save_state(self) -> None:
         if self.rank != 0:
@@ -256,7 +264,8 @@ class _Run:
             "fingerprint": self.fingerprint(),
         }
         meta = {"format": "mvit-det", "mvit_det_version": __version__, **self.description(epoch=self.epoch)}
-        atomic_save({"model": self.model.state_dict(), "meta": meta, "train_state": state}, self.out / "last.pth")
+        with interrupt_after():
+            atomic_save({"model": self.model.state_dict(), "meta": meta, "train_state": state}, self.out / "last.pth")
 
     def resume(self) -> bool:
         path = self.out / "last.pth"
@@ -268,12 +277,12 @@ class _Run:
         state = ckpt.get("train_state")
         if state is None:
             raise ResumeError(f"{path} holds no training state; it cannot be resumed. Start a new --output.")
-        old, new = state["fingerprint"], self.fingerprint()
-        diff = sorted(k for k in new if old.get(k) != new.get(k))
+        diff, flags = resume_difference(state["fingerprint"], self.fingerprint())
         if diff:
+            same = f" (e.g. {' '.join(flags)})" if flags else ""
             raise ResumeError(
-                f"Cannot resume from {path}: it was trained with other {', '.join(diff)} (saved "
-                f"{ {k: old.get(k) for k in diff} }). Resume with the original settings, or train into a new --output."
+                f"Cannot resume from {path}: that run had other settings: {'; '.join(diff)}. Resume with the saved "
+                f"settings{same}, or train into a new --output (or delete the old one) to start over."
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -400,7 +409,9 @@ class _Run:
         record = {
             "epoch": self.epoch + 1, "step": self.global_step, "loss": loss_sum / max(n, 1), "lr": self.current_lr(),
             "val_top1": None if result is None else result.top1, "val_top5": None if result is None else result.top5,
-            "images_per_s": n / seconds if seconds > 0 else None, "train_seconds": seconds, "skipped": int(skipped),
+            "images_per_s": n / seconds if seconds > 0 else None, "train_seconds": seconds,
+            # found unreadable by the first scan (left out of every epoch) and those that failed to load this epoch
+            "skipped": len(self.data.skipped) + int(skipped),
         }
         self.records.append(record)
         self.epoch, self.step_in_epoch, self.sums = self.epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
