@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .checkpoint import CheckpointInfo, load_checkpoint, open_source
+from .checkpoint import CheckpointInfo, load_checkpoint, open_source, read_checkpoint
 from .checkpoint.described import attach_description, get_description
 from .models import ARCHS, MODEL_CARDS, MViTv2, get_card, list_models
 from .utils.hints import did_you_mean
@@ -53,14 +53,25 @@ def get_model(
             a path or URL loads that file, in any supported format (official, mmpretrain, timm,
             detectron2, mvit-det). A self-describing checkpoint also sets the architecture, the number of
             classes, ``model.class_names`` and ``model.data_config`` (the evaluation preprocessing).
-        num_classes: a new classifier size; the head is then left freshly initialised and every other
-            weight must load (fine-tuning).
+        num_classes: the classifier size. When it differs from the checkpoint's head, the head is left freshly
+            initialised and every other weight must load (fine-tuning); when it is the same, the head loads too.
         strict: refuse any missing, unexpected or mis-shaped key (default). Set False to allow a
             partial load; what was skipped is logged.
         overrides: passed to ``MViTv2`` (for example ``drop_path_rate``).
 
     Returns the model in eval mode.
     """
+    if name is not None and not isinstance(name, str):  # a detectron2 config, a path object, ...
+        raise TypeError(
+            f"get_model takes a model name (a str from list_models()), not a {type(name).__name__}. Detectors are "
+            "built from their config: mvit_det.detection.predictor.build_predictor(config, weights)."
+        )
+    if isinstance(pretrained, (str, Path)) and Path(pretrained).suffix.lower() in _CONFIG_SUFFIXES:
+        raise ValueError(
+            f"pretrained={str(pretrained)!r} is a config file, not a checkpoint. A model config goes to "
+            "build_classifier(config, checkpoint) (tools/cls_eval.py MODEL CHECKPOINT); a detector config to "
+            "mvit_det.detection.predictor.build_predictor."
+        )
     description = source = label = None
     if pretrained and pretrained is not True:
         source, label = open_source(pretrained)
@@ -94,6 +105,8 @@ def get_model(
             overrides["num_classes"] = num_classes
         model = card.build(**overrides)
     if pretrained:
+        if source is not None and description is None:  # any file: the head size is the checkpoint's own
+            ckpt_classes = _head_size(source, label)
         new_head = num_classes is not None and num_classes != ckpt_classes
         if pretrained is True:
             load_checkpoint(model, card.url, strict=strict, skip_head=new_head)
@@ -102,6 +115,15 @@ def get_model(
         if description is not None:
             attach_description(model, description)
     return model.eval()
+
+
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".py", ".json")
+
+
+def _head_size(source: Any, label: str) -> Optional[int]:
+    """Outputs of a checkpoint's classifier (None for a trunk), read from the weights themselves."""
+    head = read_checkpoint(source, label=label)[0].get("head.fc.weight")
+    return int(head.shape[0]) if head is not None else None
 
 
 _CONFIG_KEYS = {"arch": str, "num_classes": int, "expand_attn": bool, "cls_token": bool}

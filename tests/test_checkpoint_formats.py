@@ -22,6 +22,7 @@ from mvit_det.checkpoint import (
     detect_format,
     load_checkpoint,
     read_checkpoint,
+    save_checkpoint,
 )
 from mvit_det.models import MViTv2
 
@@ -325,3 +326,55 @@ def test_convert_tool_round_trip(tmp_path, ckpt_fill_random, capsys):
     assert tool.main([str(tmp_path / "timm.pth"), str(tmp_path / "old.pth"), "--arch", "T"]) == 0
     captured = capsys.readouterr()
     assert "--arch is deprecated; use --model" in captured.err and "into --model T" in captured.out
+
+
+def test_num_classes_equal_to_the_checkpoint_head_loads_the_head(tmp_path):
+    """get_model(name, pretrained=file, num_classes=N) keeps a fine-tuned N-class head (it used to compare N with
+    the model card's 1000 classes and leave the head at its initialisation)."""
+    torch.manual_seed(0)
+    tuned = get_model("mvitv2-tiny_3rdparty_in1k", num_classes=7)
+    save_checkpoint(tuned, tmp_path / "tuned.pth")
+    x = torch.randn(1, 3, 64, 64)
+    again = get_model("mvitv2-tiny_3rdparty_in1k", pretrained=str(tmp_path / "tuned.pth"), num_classes=7)
+    assert torch.equal(again(x), tuned(x))
+    other = get_model("mvitv2-tiny_3rdparty_in1k", pretrained=str(tmp_path / "tuned.pth"), num_classes=5)
+    assert other.head.fc.weight.shape == (5, 768)  # another size: a new head, the trunk loaded
+    assert torch.equal(other.blocks[0].attn.qkv.weight, tuned.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "10"])
+def test_num_classes_must_be_a_count(bad):
+    with pytest.raises(ValueError, match=rf"num_classes must be an int >= 1 .* got {re.escape(repr(bad))}\."):
+        get_model("mvitv2-tiny_3rdparty_in1k", num_classes=bad)
+    assert MViTv2("tiny", num_classes=np.int64(3)).head.fc.out_features == 3
+
+
+@pytest.mark.parametrize("typed, meant", [("mvitv2-tiny", "'mvitv2-tiny_3rdparty_in1k'?"),
+                                          ("MViTv2_Base", "'mvitv2-base_3rdparty_in1k' or 'mvitv2-base_in21k'?")])
+def test_a_short_model_name_suggests_the_full_ones(typed, meant):
+    with pytest.raises(ValueError, match=re.escape(f"Unknown model {typed!r}. Did you mean {meant}")):
+        get_model(typed)
+
+
+def test_get_model_given_a_config_says_what_to_call(tmp_path):
+    from detectron2.config import get_cfg
+
+    with pytest.raises(TypeError, match="get_model takes a model name .* not a CfgNode.*build_predictor"):
+        get_model(get_cfg())
+    (tmp_path / "m.yaml").write_text("arch: tiny\n")
+    with pytest.raises(ValueError, match=r"pretrained='.*m\.yaml' is a config file, not a checkpoint.*build_classifier"):
+        get_model("mvitv2-tiny_3rdparty_in1k", pretrained=str(tmp_path / "m.yaml"))
+
+
+def test_a_detector_saved_with_save_checkpoint_gives_its_trunk(tmp_path):
+    """save_checkpoint(detector) writes the mvit-det container around detectron2's names: the trunk must load."""
+    trunk = MViTv2("tiny", detection=True)
+    detector = nn.Module()
+    detector.backbone = nn.Module()
+    detector.backbone.bottom_up = trunk
+    detector.backbone.fpn_lateral2 = nn.Conv2d(96, 8, 1)
+    save_checkpoint(detector, tmp_path / "detector.pth")
+    fresh = MViTv2("tiny", detection=True)
+    report = load_checkpoint(fresh, str(tmp_path / "detector.pth"))
+    assert report.complete and len(report.loaded) == len(trunk.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trunk.state_dict().values()))

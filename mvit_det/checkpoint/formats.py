@@ -129,6 +129,8 @@ def _unwrap(obj: Any) -> tuple[Mapping[str, Any], str]:
     inner = _strip_module_prefix(inner)
     keys = [k for k in inner if isinstance(k, str)]
     layout = container or _layout_of(keys)
+    if layout == "mvit-det" and _layout_of(keys) == "detectron2":  # save_checkpoint of a whole detector
+        layout = "detectron2"
     if layout is None:
         top = ", ".join(repr(k) for k in list(obj)[:6])
         sample = ", ".join(repr(k) for k in keys[:6]) or "none"

@@ -17,6 +17,7 @@ The blocks (pooling attention and the block around it) are in ``blocks``, the ge
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -384,8 +385,14 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, drop_rate: float = 0.0):
         super().__init__()
+        # bool is an int, and a negative size would quietly give the identity head (features, not logits)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+            raise ValueError(
+                f"num_classes must be an int >= 1 (the classifier's outputs), or 0 for the pooled features without "
+                f"a classifier; got {num_classes!r}."
+            )
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(in_dim, int(num_classes)) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.drop(x))
