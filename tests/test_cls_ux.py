@@ -204,13 +204,19 @@ def test_interrupt_exits_130_with_the_resume_line(tmp_path, monkeypatch, capsys)
 
 
 def test_ctrl_c_during_a_checkpoint_write_waits_for_the_write():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupt_after():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("the write finished")
-    assert done == ["the write finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, as in a command-line run (an earlier test in this process may have replaced it;
+    # interrupt_after leaves other handlers alone).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupt_after():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("the write finished")
+        assert done == ["the write finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 # -- 6./7. metrics, recipe values, the resumed log ---------------------------------------------------------
