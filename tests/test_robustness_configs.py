@@ -151,3 +151,10 @@ def test_yacs_config_without_add_mvitv2_config():
     base = (REPO / "configs" / "yacs" / "Base-MViTv2-FPN.yaml").read_text().splitlines()[:3]
     assert any("add_mvitv2_config(cfg) before merge_from_file" in line for line in base)
     assert load_config(str(YACS)).MODEL.MVIT.SIZE == "tiny"
+
+
+def test_a_classification_recipe_given_as_a_detector_config():
+    recipe = REPO / "configs" / "classification" / "digits_tiny.yaml"
+    with pytest.raises(ValueError, match=r"digits_tiny\.yaml is not a detectron2 config: its top-level key 'recipe' is "
+                                         r"lower case.*tools/cls_train\.py --config"):  # fmt: skip
+        load_config(str(recipe))

@@ -86,7 +86,7 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
     if ext in (".yaml", ".yml"):
         cfg = get_cfg()
         add_mvitv2_config(cfg)
-        with _yacs_key_errors(cfg):
+        with _yacs_key_errors(cfg, path):
             merge_yaml_safely(cfg, path)
         return apply_overrides(cfg, opts)
     raise ValueError(f"Unknown config type {path!r}: use a LazyConfig .py file or a yacs .yaml file.")
@@ -141,7 +141,7 @@ def _check_lazy_opts(opts: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _yacs_key_errors(cfg: CfgNode):
+def _yacs_key_errors(cfg: CfgNode, path: Optional[str] = None):
     """yacs' unknown-key errors (KeyError from files, AssertionError from lists) as "did you mean" ValueErrors."""
     try:
         yield
@@ -149,7 +149,14 @@ def _yacs_key_errors(cfg: CfgNode):
         m = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
         if m is None:
             raise
-        raise ValueError(unknown_yacs_key_message(cfg, m.group(1))) from None
+        key = m.group(1)
+        if path is not None and "." not in key and key.islower():  # detectron2's top-level keys are upper case
+            raise ValueError(
+                f"{path} is not a detectron2 config: its top-level key {key!r} is lower case, where detectron2's are "
+                "MODEL, SOLVER, INPUT, ... A classification recipe (such as configs/classification/*.yaml) goes to "
+                "tools/cls_train.py --config; detector configs are under configs/yacs/ and configs/*.py."
+            ) from None
+        raise ValueError(unknown_yacs_key_message(cfg, key)) from None
 
 
 def _override_quoting_message(override: str, error: Exception) -> str:
