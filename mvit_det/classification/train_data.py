@@ -256,6 +256,16 @@ class TrainDataset(Dataset):
             return None, label, index, str(e)
 
 
+def micro_batch_size(batch_size: int, world: int, accum: int) -> int:
+    """Images per process and accumulation step; ValueError when the global batch does not split evenly."""
+    if batch_size % (world * accum):
+        raise ValueError(
+            f"The global batch ({batch_size}) must divide evenly over {world} process(es) x {accum} "
+            f"accumulation step(s); choose a --batch-size that is a multiple of {world * accum}."
+        )
+    return batch_size // (world * accum)
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Micro-batches of ``(epoch, index)`` for one process, from step ``start_step`` of ``epoch`` on.
 
@@ -265,11 +275,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, num_samples: int, batch_size: int, world: int, rank: int, accum: int, seed: int):
-        if batch_size % (world * accum):
-            raise ValueError(
-                f"The global batch ({batch_size}) must divide evenly over {world} process(es) x {accum} "
-                f"accumulation step(s); choose a multiple of {world * accum}."
-            )
+        micro = micro_batch_size(batch_size, world, accum)
         if num_samples < batch_size:
             raise DatasetError(
                 f"The global batch ({batch_size}) is larger than the training set ({num_samples} images); lower "
@@ -277,7 +283,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             )
         self.num_samples, self.batch_size, self.world, self.rank = num_samples, batch_size, world, rank
         self.accum, self.seed = accum, seed
-        self.micro = batch_size // (world * accum)
+        self.micro = micro
         self.epoch, self.start_step = 0, 0
 
     @property

@@ -25,6 +25,7 @@ from ..models import MViTv2, get_card
 from ..utils.atomic import atomic_open
 from .cli_messages import mismatch_for_cli
 from .recipes import Recipe, RecipeError
+from .train_data import micro_batch_size
 
 __all__ = [
     "OutputError",
@@ -145,12 +146,10 @@ def resume_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[st
 
 def check_batch(recipe: Recipe, world: int, accum: int) -> None:
     """The global batch must split evenly, and into even micro-batches for Mixup/CutMix (``RecipeError``)."""
-    if recipe.batch_size % (world * accum):
-        raise RecipeError(
-            f"The global batch ({recipe.batch_size}) must divide evenly over {world} process(es) x {accum} "
-            f"accumulation step(s); choose a --batch-size that is a multiple of {world * accum}."
-        )
-    micro = recipe.batch_size // (world * accum)
+    try:
+        micro = micro_batch_size(recipe.batch_size, world, accum)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     if (recipe.mixup > 0 or recipe.cutmix > 0) and micro % 2:
         raise RecipeError(
             f"Mixup/CutMix pairs images inside each micro-batch, which must be even; it is {micro} (batch "

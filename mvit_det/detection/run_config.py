@@ -78,10 +78,8 @@ def load_config(path: str, opts: Sequence[str] = ()) -> AnyConfig:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file {path} does not exist. Configs live under configs/ in the repository.")
-    opts = _check_opts(opts)
     ext = os.path.splitext(path)[1].lower()
     if ext == ".py":
-        _check_lazy_opts(opts)
         return apply_overrides(LazyConfig.load(path), opts)
     if ext in (".yaml", ".yml"):
         cfg = get_cfg()
@@ -359,7 +357,7 @@ def check_run_settings(cfg: AnyConfig, *, eval_only: bool = False, resume: bool 
         )
     last = os.path.join(s.output_dir, "last_checkpoint")
     if resume and os.path.isfile(last):
-        _check_last_checkpoint(last)
+        _check_last_checkpoint(last, previous or "")
     elif s.init_checkpoint and "://" not in s.init_checkpoint and not os.path.exists(s.init_checkpoint):
         raise FileNotFoundError(
             f"{k('train.init_checkpoint', 'MODEL.WEIGHTS')} is {s.init_checkpoint}, which does not exist (relative paths "
@@ -367,11 +365,9 @@ def check_run_settings(cfg: AnyConfig, *, eval_only: bool = False, resume: bool 
         )
 
 
-def _check_last_checkpoint(last: str) -> None:
-    """``--resume`` reads ``last_checkpoint``: the file it names must exist and be complete."""
+def _check_last_checkpoint(last: str, name: str) -> None:
+    """``--resume`` reads ``last_checkpoint``: the file it names (``name``) must exist and be complete."""
     folder = os.path.dirname(last)
-    with open(last, encoding="utf-8", errors="replace") as f:
-        name = f.read().strip()
     path = os.path.join(folder, name)
     others = sorted(n for n in os.listdir(folder) if n.endswith(".pth") and n != name)
     fix = (
