@@ -1,8 +1,8 @@
-# make demo | make test | make setup   (VENV=/path/to/venv to use another virtualenv)
+# make demo | make test | make setup | make cpu-targets   (VENV=/path/to/venv to use another virtualenv)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup setup-test test demo demo-classify
+.PHONY: setup setup-test test demo demo-classify cpu-targets
 
 setup:
 	VENV="$(VENV)" bash scripts/setup_env.sh
@@ -21,3 +21,8 @@ demo: setup
 # draw predictions and the confusion matrix, classify held-out images with the trained checkpoint.
 demo-classify: setup
 	$(PYTHON) tools/demo_classify.py
+
+# Issue 11's CPU targets on this machine: the benchmark runs and the main job, each target judged on the median of its
+# runs; the verdicts, a README table row and every run's table in output/cpu_targets/cpu_targets.md.
+cpu-targets: setup-test
+	$(PYTHON) -m benchmarks.cpu_targets output/cpu_targets --main-job

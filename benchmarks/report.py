@@ -120,6 +120,16 @@ def scaling_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(out).rstrip()
 
 
+def cpu_line(hw: dict[str, Any]) -> str:
+    """The CPU, its vector ISA, the kernels torch runs (and the caps that chose them), native bf16 or not."""
+    return (
+        f"CPU {hw['cpu_model']}: {hw['cpu_isa']}, torch kernels {hw['torch_cpu_capability']}"
+        + (f" (ONEDNN_MAX_CPU_ISA={hw['onednn_max_cpu_isa']})" if hw.get("onednn_max_cpu_isa") else "")
+        + (f", MKL_ENABLE_INSTRUCTIONS={hw['mkl_enable_instructions']}" if hw.get("mkl_enable_instructions") else "")
+        + f", native bf16 {'yes' if hw['native_bf16'] else 'no'}"
+    )
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     hw = report["hardware"]
     lines = [
@@ -128,11 +138,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{hw['device_name']} ({hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads), torch {hw['torch']}, "
         f"python {hw['python']}, mvit-det {hw['mvit_det_commit'] or 'unknown commit'}",
         "",
-        f"CPU {hw['cpu_model']}: {hw['cpu_isa']}, torch kernels {hw['torch_cpu_capability']}"
-        + (f" (ONEDNN_MAX_CPU_ISA={hw['onednn_max_cpu_isa']})" if hw.get("onednn_max_cpu_isa") else "")
-        + (f", MKL_ENABLE_INSTRUCTIONS={hw['mkl_enable_instructions']}" if hw.get("mkl_enable_instructions") else "")
-        + f", native bf16 {'yes' if hw['native_bf16'] else 'no'}; fp32 2048x2048 torch.mm "
-        f"{_fmt(hw.get('gemm_fp32_gflops'), '.0f')} GFLOP/s ({hw['device']}).",
+        cpu_line(hw) + f"; fp32 2048x2048 torch.mm {_fmt(hw.get('gemm_fp32_gflops'), '.0f')} GFLOP/s "
+        f"({hw['device']}).",
         "",
     ]
     if report["mode"] == "scaling":

@@ -1,0 +1,104 @@
+"""Issue 11's targets in one command (``python -m benchmarks.cpu_targets``, ``make cpu-targets``): the plan is the
+issue's, the verdicts follow the targets' rules, and a dry run measures, judges, writes and resumes end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+from benchmarks import cpu_targets  # noqa: E402
+from benchmarks.cpu_targets import TARGETS, judge, plan, run, run_figures  # noqa: E402
+from benchmarks.settings import OURS  # noqa: E402
+
+
+def test_plan_is_the_issues():
+    runs = plan()
+    cls = [s for s in runs if s.task == "cls" and s.dtype == "fp32"]
+    assert len(cls) == 3 and all((s.size, s.batch_size, s.img_size) == ("T", 8, (224, 224)) for s in cls)
+    det = [s for s in runs if s.task == "det-backbone"]
+    assert len(det) == 2 and all((s.size, s.batch_size, s.img_size) == ("T", 1, (1024, 1024)) for s in det)
+    assert [(s.task, s.dtype) for s in runs if s.dtype != "fp32"] == [("cls", "bf16")]
+    assert all(s.threads == 2 and s.device == "cpu" for s in runs)
+    dry = plan(dry_run=True, threads=1)
+    assert len(dry) == len(runs) and all(s.iters == 1 and max(s.img_size) <= 96 and s.threads == 1 for s in dry)
+    assert {t.key: t.threshold for t in TARGETS} == {
+        "cls_vs_best_peer": 1.4, "cls_share_of_mm": 0.8, "det_vs_detectron2": 1.5, "bf16_vs_fp32": 0.9,
+        "main_job_s": 600, "main_job_box_ap": 30,
+    }
+
+
+def _run(task, dtype, p50_ms, gflops=4.7):
+    """A run as ``run_benchmark`` reports it: ``ours_speedup`` = the row's p50 / ours' p50."""
+    rows = [{"name": n, "images_per_s": 8 / (ms / 1e3), "ours_speedup": ms / p50_ms[OURS]} for n, ms in p50_ms.items()]
+    return {"task": task, "settings": {"task": task, "dtype": dtype}, "gflops_per_image": gflops, "models": rows}
+
+
+def _done(run, gemm=100.0):
+    return {"run": run, "gemm_fp32_gflops": gemm, "figures": run_figures(run, gemm)}
+
+
+def test_verdicts_follow_the_targets():
+    # timm is the faster peer in the first run, mmpretrain in the second: the ratio is to the faster one
+    cls = [_run("cls", "fp32", {OURS: 800, "timm": 1100, "mmpretrain": 1200}),
+           _run("cls", "fp32", {OURS: 800, "timm": 1200, "mmpretrain": 1150}),
+           _run("cls", "fp32", {OURS: 1000, "timm": 1300, "mmpretrain": 1400})]
+    assert run_figures(cls[0], 100.0)["vs_best_peer"] == pytest.approx(1.375)
+    # 8 images in 0.8 s at 2 x 4.7 GFLOP each: 94 GFLOP/s, 94% of a 100 GFLOP/s mm
+    assert run_figures(cls[0], 100.0)["share_of_mm"] == pytest.approx(0.94)
+    det = [_run("det-backbone", "fp32", {OURS: 2000, "detectron2": 3100}),
+           _run("det-backbone", "fp32", {OURS: 2000, "detectron2": 2900})]
+    bf16 = _run("cls", "bf16", {OURS: 900, f"{OURS} fp32": 850, "timm": 7000})
+    done = [_done(r) for r in (*cls, *det, bf16)]
+    job = {"summary": {"total_s": 612.0, "box_AP_after": 47.7}}
+
+    v = {x["key"]: x for x in judge(done, job, native_bf16=False)}
+    assert v["cls_vs_best_peer"]["median"] == pytest.approx(1.375) and v["cls_vs_best_peer"]["met"] is False
+    assert v["cls_share_of_mm"]["values"] == pytest.approx([0.94, 0.94, 0.752]) and v["cls_share_of_mm"]["met"]
+    assert v["det_vs_detectron2"]["median"] == pytest.approx(1.5) and v["det_vs_detectron2"]["met"]
+    assert v["bf16_vs_fp32"]["median"] == pytest.approx(850 / 900) and v["bf16_vs_fp32"]["met"]
+    assert v["main_job_s"]["met"] is False and v["main_job_box_ap"]["met"] is True  # 612 s > 600 s
+
+    v = {x["key"]: x for x in judge(done, None, native_bf16=True)}
+    assert "met" not in v["bf16_vs_fp32"] and "native bf16" in v["bf16_vs_fp32"]["note"]
+    assert v["main_job_s"]["values"] == [] and v["main_job_s"]["note"] == "not measured (no --main-job)"
+
+
+def test_dry_run_measures_judges_writes_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MVIT_DET_DATASETS", str(tmp_path / "datasets"))  # the main job's toy data
+    out = tmp_path / "targets"
+    report = run(out, dry_run=True, main_job=True)
+
+    assert len(report["done"]) == len(plan()) and report["hardware"]["cpu_model"]
+    for d in report["done"]:  # real runs: every reference computed what ours did
+        assert d["gemm_fp32_gflops"] > 0 and d["figures"]["ours_img_s"] > 0
+        assert all(m["max_rel_diff"]["fp32"] < 1e-4 for m in d["run"]["models"][1:])
+    summary = report["main_job"]["summary"]
+    assert summary["box_AP_after"] >= 0 and (out / "main_job" / "summary.json").is_file()
+    verdicts = {v["key"]: v for v in report["verdicts"]}
+    assert all(len(v["values"]) == n for v, n in zip(verdicts.values(), (3, 3, 2, 1, 1, 1)))
+    assert verdicts["main_job_s"]["values"] == [summary["total_s"]]
+    md = (out / "cpu_targets.md").read_text()
+    assert "Dry run" in md and "| detection backbone, ours vs detectron2 |" in md
+    assert md.count("| implementation | img/s |") == len(plan())
+    assert json.loads((out / "cpu_targets.json").read_text())["done"] == json.loads(json.dumps(report["done"]))
+
+    # A rerun keeps what was measured with the same plan, CPU and threads: nothing runs again.
+    monkeypatch.setattr(cpu_targets, "run_report", lambda *a: pytest.fail("a kept run was measured again"))
+    monkeypatch.setattr(cpu_targets, "run_main_job", lambda *a: pytest.fail("the kept main job ran again"))
+    again = run(out, dry_run=True, main_job=True)
+    assert again["done"] == json.loads(json.dumps(report["done"])) and again["main_job"]["summary"] == summary
+
+
+def test_a_main_job_folder_without_its_result_is_refused_before_any_run(tmp_path, monkeypatch):
+    (tmp_path / "main_job").mkdir()  # an interrupted job: its reused pre-training would make the time wrong
+    monkeypatch.setattr(cpu_targets, "run_report", lambda *a: pytest.fail("benchmarks ran before the refusal"))
+    with pytest.raises(SystemExit, match="holds an earlier main job"):
+        run(tmp_path, dry_run=True, main_job=True)
+    run_dir = tmp_path / "no_job"
+    (run_dir / "main_job").mkdir(parents=True)
+    # without --main-job the folder is not in the way
+    monkeypatch.setattr(cpu_targets, "run_report", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(run_dir, dry_run=True, main_job=False)
