@@ -104,8 +104,10 @@ def run_figures(run: dict[str, Any], gemm_gflops: Optional[float]) -> dict[str, 
     return out
 
 
-def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], native_bf16: bool) -> list[dict]:
-    """One verdict per target: the value of each run, their median, met or not (or why not measured)."""
+def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], native_bf16: bool,
+          pending: Sequence[str] = ()) -> list[dict]:
+    """One verdict per target: the value of each run, their median, met or not (or why not measured).
+    ``pending``: the keys of targets whose runs are still to come."""
     values: dict[str, list[float]] = {t.key: [] for t in TARGETS}
     for d in done:
         f, s = d["figures"], d["run"]["settings"]
@@ -126,7 +128,9 @@ def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], na
         v = values[t.key]
         row = {"key": t.key, "what": t.what, "target": ("<= " if t.at_most else ">= ") + t.fmt(t.threshold),
                "values": v}
-        if not v:
+        if not v and t.key in pending:
+            row["note"] = "not measured yet"
+        elif not v:
             row["note"] = "not measured" + (" (no --main-job)" if t.key.startswith("main_job") and not main_job
                                             else "")
         else:
@@ -173,8 +177,9 @@ def readme_row(report: dict[str, Any]) -> str:
     det = [d for d in done if d["run"]["task"] == "det-backbone"]
     bf16 = [d["figures"] for d in done if d["run"]["settings"]["dtype"] == "bf16"]
     gemm = [d["gemm_fp32_gflops"] for d in done]
-    machine = (f"{hw['cpu_model']} ({hw['cpu_isa']}), {hw['torch_threads']} threads, "
-               f"{hw['date'][:10]}, {hw['mvit_det_commit']} (mm {_span(gemm, '.0f')} GFLOP/s)")
+    n = hw["torch_threads"]
+    machine = (f"{cpu_line(hw)}, {n} thread{'s' if n > 1 else ''}, {hw['date'][:10]}, {hw['mvit_det_commit']} "
+               f"(mm {_span(gemm, '.0f')} GFLOP/s)")
     cells = [machine]
     if cls:
         peers = "".join(f", {p} {_span([f['peers_img_s'][p] for f in cls if p in f['peers_img_s']], '.3g')}"
@@ -212,8 +217,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         t = by_key[v["key"]]
         each = ", ".join(t.fmt(x) for x in v["values"]) or "–"
         med = t.fmt(v["median"]) if "median" in v else "–"
-        met = ("yes" if v["met"] else "**no**") if "met" in v else "–"
-        note = f" ({v['note']})" if v.get("note") else ""
+        met = ("yes" if v["met"] else "**no**") if "met" in v else ""
+        note = (" " if "met" in v else "") + f"({v['note']})" if v.get("note") else ""
         lines.append(f"| {v['what']} | {each} | {med} | {v['target']} | {met}{note} |")
     mj = report.get("main_job")
     if mj and "summary" in mj:
@@ -278,7 +283,8 @@ def run(out_dir: Path, dry_run: bool = False, main_job: bool = False, threads: i
         gemm = one["hardware"]["gemm_fp32_gflops"]
         report["done"].append({"run": r, "gemm_fp32_gflops": gemm, "figures": run_figures(r, gemm)})
         report["warnings"] += [w for w in one["warnings"] if w not in report["warnings"]]
-        report["verdicts"] = judge(report["done"], report["main_job"], hw["native_bf16"])
+        pending = [t.key for t in TARGETS if main_job or not t.key.startswith("main_job")]
+        report["verdicts"] = judge(report["done"], report["main_job"], hw["native_bf16"], pending)
         _write(out_dir, report)
     if main_job and not job_done:
         report["main_job"] = run_main_job(out_dir, DRY_MAIN_JOB if dry_run else ())

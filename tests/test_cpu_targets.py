@@ -102,3 +102,11 @@ def test_a_main_job_folder_without_its_result_is_refused_before_any_run(tmp_path
     monkeypatch.setattr(cpu_targets, "run_report", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run(run_dir, dry_run=True, main_job=False)
+
+
+def test_targets_still_to_come_are_named_so():
+    done = [_done(_run("cls", "fp32", {OURS: 800, "timm": 1100, "mmpretrain": 1200}))]
+    v = {x["key"]: x for x in judge(done, None, native_bf16=False, pending=["det_vs_detectron2", "main_job_s"])}
+    assert v["det_vs_detectron2"]["note"] == "not measured yet" and v["main_job_s"]["note"] == "not measured yet"
+    assert v["main_job_box_ap"]["note"] == "not measured (no --main-job)"
+    assert v["cls_vs_best_peer"]["met"] is False and "note" not in v["cls_vs_best_peer"]
