@@ -1,8 +1,10 @@
 """Packaging for mvit-det. detectron2 is not a dependency here: see README, "Installation details"."""
 import re
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -16,8 +18,21 @@ def read_version() -> str:
     return match.group(1)
 
 
+class BuildPyWithConfigs(build_py):
+    """Ships the repository's configs/ inside the package, as mvit_det/configs, so that the detector zoo and the
+    detector configs work from a wheel, as detectron2 ships its model-zoo configs; an editable install reads the
+    checkout's configs/ itself (``mvit_det.detection.zoo.CONFIG_ROOT``)."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            shutil.copytree(ROOT / "configs", Path(self.build_lib) / "mvit_det" / "configs", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 setup(
     name="mvit-det",
+    cmdclass={"build_py": BuildPyWithConfigs},
     version=read_version(),
     description="MViTv2 for Detectron2 detection and ImageNet classification",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),

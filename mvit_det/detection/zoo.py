@@ -45,8 +45,12 @@ __all__ = [
 ]
 
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/"
-#: ``configs/`` of this repository (the detector configs are not inside the package).
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+#: The detector configs: the copy a wheel ships inside the package (setup.py), else ``configs/`` of the checkout.
+CONFIG_ROOT = next(
+    (p for p in (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
+     if p.is_dir()),
+    Path(__file__).resolve().parents[2] / "configs",
+)
 
 
 @dataclass(frozen=True)
@@ -261,8 +265,9 @@ def get_detector(
     card = get_detector_card(name)
     if not card.config_path.is_file():
         raise FileNotFoundError(
-            f"Config {card.config_path} of detector {name!r} is missing: the detector zoo needs the configs/ folder of "
-            "the mvit-det repository (install it with pip install -e from a clone)."
+            f"Config {card.config_path} of detector {name!r} is missing: this install of mvit-det has neither the "
+            "configs/ folder of a checkout nor the copy a wheel ships; reinstall it (pip install mvit-det from a "
+            "wheel or a clone, or pip install -e . in a clone)."
         )
     if pretrained is True:
         weights = str(fetch_checkpoint(card.url, progress=progress))
