@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mvit_det.utils.atomic import atomic_open
+from mvit_det.utils.cli import positive_int
 
 from .report import cpu_line, run_markdown, run_report
 from .settings import OURS, ROOT, Settings, hardware_info
@@ -300,8 +301,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--main-job", action="store_true", help="also run and time tools/main_job.py (make demo's job)")
     p.add_argument("--dry-run", action="store_true", help="the same plan at toy sizes, one round each")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        p.error(f"OUT_DIR {args.out_dir} is a file; name a folder (new or one this command wrote before).")
     return run(args.out_dir, args.dry_run, args.main_job, args.threads)
 
 

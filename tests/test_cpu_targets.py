@@ -110,3 +110,13 @@ def test_targets_still_to_come_are_named_so():
     assert v["det_vs_detectron2"]["note"] == "not measured yet" and v["main_job_s"]["note"] == "not measured yet"
     assert v["main_job_box_ap"]["note"] == "not measured (no --main-job)"
     assert v["cls_vs_best_peer"]["met"] is False and "note" not in v["cls_vs_best_peer"]
+
+
+def test_bad_command_lines_are_refused_with_one_line(tmp_path, capsys):
+    a_file = tmp_path / "report.md"
+    a_file.write_text("mine")
+    for argv, words in (([str(a_file)], "is a file"), ([str(tmp_path / "x"), "--threads", "0"], "--threads")):
+        with pytest.raises(SystemExit) as e:
+            cpu_targets.main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
