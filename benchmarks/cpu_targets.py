@@ -265,6 +265,9 @@ def run(out_dir: Path, dry_run: bool = False, main_job: bool = False, threads: i
            "commit": hw["mvit_det_commit"]}
     old = _earlier_report(out_dir / "cpu_targets.json", key)
     job_done = (old.get("main_job") or {}).get("summary") is not None
+    if main_job and not (ROOT / "tools" / "main_job.py").is_file():
+        raise SystemExit(f"error: --main-job runs tools/main_job.py of a checkout, and {ROOT} has none; run it from a "
+                         "clone of mvit-det (make cpu-targets), or leave --main-job out.")
     if main_job and not job_done and (out_dir / "main_job").exists():  # before minutes of benchmarks, not after
         raise SystemExit(
             f"error: {out_dir / 'main_job'} holds an earlier main job, which this run would partly reuse and so "

@@ -120,3 +120,10 @@ def test_bad_command_lines_are_refused_with_one_line(tmp_path, capsys):
             cpu_targets.main(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
     assert a_file.read_text() == "mine"
+
+
+def test_main_job_without_a_checkout_is_refused_before_any_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_targets, "ROOT", tmp_path / "site-packages")  # as installed from a wheel: no tools/
+    monkeypatch.setattr(cpu_targets, "run_report", lambda *a: pytest.fail("benchmarks ran before the refusal"))
+    with pytest.raises(SystemExit, match="runs tools/main_job.py of a checkout"):
+        run(tmp_path / "out", dry_run=True, main_job=True)
