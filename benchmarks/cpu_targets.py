@@ -32,7 +32,7 @@ import torch
 from mvit_det.utils.atomic import atomic_open
 from mvit_det.utils.cli import positive_int
 
-from .report import cpu_line, run_markdown, run_report
+from .report import cpu_line, model_gflops_per_s, run_markdown, run_report
 from .settings import OURS, ROOT, Settings, hardware_info
 
 
@@ -81,6 +81,13 @@ def plan(dry_run: bool = False, threads: int = 2) -> list[Settings]:
 # ---------------------------------------------------------------------------------------------
 # Reading a run
 # ---------------------------------------------------------------------------------------------
+def _kind(run: dict[str, Any]) -> str:
+    """Which targets a run of the plan measures: "cls" (fp32 classification), "det" or "bf16"."""
+    if run["settings"]["dtype"] != "fp32":
+        return "bf16"
+    return "det" if run["task"] == "det-backbone" else "cls"
+
+
 def _row(run: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
     return next((m for m in run["models"] if m["name"] == name), None)
 
@@ -97,8 +104,9 @@ def run_figures(run: dict[str, Any], gemm_gflops: Optional[float]) -> dict[str, 
     if out["peers_img_s"]:
         # ours_speedup of a row = its p50 / ours' p50: the smallest is the ratio to the fastest peer
         out["vs_best_peer"] = min(_row(run, p)["ours_speedup"] for p in out["peers_img_s"])
-    if run["gflops_per_image"] and gemm_gflops:
-        out["share_of_mm"] = 2 * run["gflops_per_image"] * ours["images_per_s"] / gemm_gflops
+    rate = model_gflops_per_s(run, ours)
+    if rate and gemm_gflops:
+        out["share_of_mm"] = rate / gemm_gflops
     fp32 = _row(run, f"{OURS} fp32")
     if s["dtype"] != "fp32" and fp32 is not None:
         out["vs_own_fp32"] = fp32["ours_speedup"]
@@ -110,17 +118,13 @@ def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], na
     """One verdict per target: the value of each run, their median, met or not (or why not measured).
     ``pending``: the keys of targets whose runs are still to come."""
     values: dict[str, list[float]] = {t.key: [] for t in TARGETS}
+    # target <- (kind of run, figure of the run)
+    sources = {"cls_vs_best_peer": ("cls", "vs_best_peer"), "cls_share_of_mm": ("cls", "share_of_mm"),
+               "det_vs_detectron2": ("det", "vs_best_peer"), "bf16_vs_fp32": ("bf16", "vs_own_fp32")}
     for d in done:
-        f, s = d["figures"], d["run"]["settings"]
-        if s["task"] == "cls" and s["dtype"] == "fp32":
-            if "vs_best_peer" in f:
-                values["cls_vs_best_peer"].append(f["vs_best_peer"])
-            if "share_of_mm" in f:
-                values["cls_share_of_mm"].append(f["share_of_mm"])
-        elif s["task"] == "det-backbone" and "vs_best_peer" in f:
-            values["det_vs_detectron2"].append(f["vs_best_peer"])
-        elif s["dtype"] == "bf16" and "vs_own_fp32" in f:
-            values["bf16_vs_fp32"].append(f["vs_own_fp32"])
+        for key, (kind, figure) in sources.items():
+            if _kind(d["run"]) == kind and figure in d["figures"]:
+                values[key].append(d["figures"][figure])
     if main_job and "summary" in main_job:
         values["main_job_s"].append(main_job["summary"]["total_s"])
         values["main_job_box_ap"].append(main_job["summary"]["box_AP_after"])
@@ -174,9 +178,9 @@ def _span(values: Sequence[float], spec: str) -> str:
 def readme_row(report: dict[str, Any]) -> str:
     """The row for the README's performance table of this CPU class (machine | classification | det | bf16)."""
     hw, done = report["hardware"], report["done"]
-    cls = [d["figures"] for d in done if d["run"]["task"] == "cls" and d["run"]["settings"]["dtype"] == "fp32"]
-    det = [d for d in done if d["run"]["task"] == "det-backbone"]
-    bf16 = [d["figures"] for d in done if d["run"]["settings"]["dtype"] == "bf16"]
+    cls = [d["figures"] for d in done if _kind(d["run"]) == "cls"]
+    det = [d for d in done if _kind(d["run"]) == "det"]
+    bf16 = [d["figures"] for d in done if _kind(d["run"]) == "bf16"]
     gemm = [d["gemm_fp32_gflops"] for d in done]
     n = hw["torch_threads"]
     machine = (f"{cpu_line(hw)}, {n} thread{'s' if n > 1 else ''}, {hw['date'][:10]}, {hw['mvit_det_commit']} "
@@ -274,12 +278,13 @@ def run(out_dir: Path, dry_run: bool = False, main_job: bool = False, threads: i
             "time wrongly; remove it (or choose another OUT_DIR) to time a whole job."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"key": key, "dry_run": dry_run, "plan": key["plan"], "hardware": hw,
+    report: dict[str, Any] = {"key": key, "dry_run": dry_run, "hardware": hw,
                               "done": old.get("done", []), "main_job": old.get("main_job") if job_done else None,
                               "warnings": old.get("warnings", [])}
     if report["done"]:
         print(f"[cpu-targets] {len(report['done'])} of {len(settings)} runs kept from {out_dir / 'cpu_targets.json'}"
               " (same plan, CPU, threads and commit)", flush=True)
+    pending = [t.key for t in TARGETS if main_job or not t.key.startswith("main_job")]
     for i in range(len(report["done"]), len(settings)):
         print(f"[cpu-targets] run {i + 1}/{len(settings)}: {settings[i].title}", flush=True)
         one = run_report([settings[i]])
@@ -287,7 +292,6 @@ def run(out_dir: Path, dry_run: bool = False, main_job: bool = False, threads: i
         gemm = one["hardware"]["gemm_fp32_gflops"]
         report["done"].append({"run": r, "gemm_fp32_gflops": gemm, "figures": run_figures(r, gemm)})
         report["warnings"] += [w for w in one["warnings"] if w not in report["warnings"]]
-        pending = [t.key for t in TARGETS if main_job or not t.key.startswith("main_job")]
         report["verdicts"] = judge(report["done"], report["main_job"], hw["native_bf16"], pending)
         _write(out_dir, report)
     if main_job and not job_done:

@@ -30,6 +30,13 @@ def _version(name: str, hw: dict[str, Any]) -> str:
     return f"{name} {v}" if v else name
 
 
+def model_gflops_per_s(run: dict[str, Any], row: dict[str, Any]) -> Optional[float]:
+    """GFLOP/s a model of ``run`` reached: the same network whoever implements it, so ours' count (2 FLOPs per
+    multiply-accumulate) divided by that model's time; None where the run could not count them."""
+    gf = run["gflops_per_image"]
+    return None if gf is None else 2 * gf * row["images_per_s"]
+
+
 def run_markdown(run: dict[str, Any], hw: dict[str, Any]) -> str:
     dtype = run["settings"]["dtype"]
     diff_cols = ["max rel diff fp32"] + ([f"max rel diff {dtype}"] if dtype != "fp32" else [])
@@ -57,8 +64,7 @@ def run_markdown(run: dict[str, Any], hw: dict[str, Any]) -> str:
             cells.append(_fmt(fresh.get(m["name"]), ".0f"))
         cells += [_fmt(diffs.get(d), ".1e") for d in (["fp32"] + ([dtype] if dtype != "fp32" else []))]
         cells.append("1.00 (ref.)" if m["name"] == OURS else f"{m['ours_speedup']:.2f}x")
-        # The same network whoever implements it: 2 FLOPs per multiply-accumulate of ours.
-        rate = None if run["gflops_per_image"] is None else 2 * run["gflops_per_image"] * m["images_per_s"]
+        rate = model_gflops_per_s(run, m)
         share = f" ({100 * rate / gemm:.0f}%)" if rate is not None and gemm else ""
         cells.append(_fmt(rate, ".3g") + share)
         if compiled:

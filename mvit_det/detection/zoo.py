@@ -46,11 +46,8 @@ __all__ = [
 
 _D2 = "https://dl.fbaipublicfiles.com/detectron2/"
 #: The detector configs: the copy a wheel ships inside the package (setup.py), else ``configs/`` of the checkout.
-CONFIG_ROOT = next(
-    (p for p in (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
-     if p.is_dir()),
-    Path(__file__).resolve().parents[2] / "configs",
-)
+_PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_ROOT = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclass(frozen=True)
