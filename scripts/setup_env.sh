@@ -63,8 +63,22 @@ pip_install() {
   "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
 }
 
+# pip fails half-way with "[Errno 28] No space left on device" and leaves a broken virtualenv; say it first.
+# torch's x86_64 wheel is a CUDA build: torch, triton and the nvidia-* libraries take about 5.6 GB of the 6.3 GB.
+need_free_mb() {
+  local need="$1" what="$2" dir="$VENV" free
+  while [ ! -d "$dir" ]; do dir="$(dirname "$dir")"; done
+  free="$(df -Pk "$dir" 2>/dev/null | awk 'NR == 2 { print int($4 / 1024) }')"
+  if [ -n "$free" ] && [ "$free" -lt "$need" ]; then
+    die "$what needs about $need MB free on the disk of $dir, which has $free MB. Free some space" \
+        "(old virtualenvs; pip's cache: 'pip cache purge') or put the virtualenv elsewhere: VENV=/bigger/disk/venv"
+  fi
+}
+TORCH_MB=6500
+
 # 1. The virtualenv.
 if [ ! -x "$PY" ]; then
+  need_free_mb $((TORCH_MB + 1000)) "a new virtualenv with torch $TORCH_PIN"
   if [ -n "${PYTHON:-}" ]; then
     BASE_PY="$PYTHON"
   elif command -v python3.11 >/dev/null 2>&1 && python3.11 -c "" 2>/dev/null; then
@@ -105,11 +119,13 @@ case "$torch_state" in
       # A detectron2 built from source is compiled against this torch: replacing torch would break it.
       say "keeping torch ${torch_state#other } (the installed detectron2 was built against it)"
     else
+      need_free_mb "$TORCH_MB" "torch $TORCH_PIN"
       say "replacing torch ${torch_state#other } with torch $TORCH_PIN / torchvision $TORCHVISION_PIN"
       pip_install "torch==$TORCH_PIN" "torchvision==$TORCHVISION_PIN"
     fi
     ;;
   *)
+    need_free_mb "$TORCH_MB" "torch $TORCH_PIN"
     say "installing torch $TORCH_PIN / torchvision $TORCHVISION_PIN (large; about a minute from a local mirror)"
     pip_install "torch==$TORCH_PIN" "torchvision==$TORCHVISION_PIN"
     ;;
