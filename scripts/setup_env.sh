@@ -74,11 +74,11 @@ need_free_mb() {
         "(old virtualenvs; pip's cache: 'pip cache purge') or put the virtualenv elsewhere: VENV=/bigger/disk/venv"
   fi
 }
-TORCH_MB=6500
+TORCH_MB=5600
 
 # 1. The virtualenv.
 if [ ! -x "$PY" ]; then
-  need_free_mb $((TORCH_MB + 1000)) "a new virtualenv with torch $TORCH_PIN"
+  need_free_mb $((TORCH_MB + 700)) "a new virtualenv with torch $TORCH_PIN"
   if [ -n "${PYTHON:-}" ]; then
     BASE_PY="$PYTHON"
   elif command -v python3.11 >/dev/null 2>&1 && python3.11 -c "" 2>/dev/null; then
