@@ -64,7 +64,7 @@ pip_install() {
 }
 
 # pip fails half-way with "[Errno 28] No space left on device" and leaves a broken virtualenv; say it first.
-# torch's x86_64 wheel is a CUDA build: torch, triton and the nvidia-* libraries take about 5.6 GB of the 6.3 GB.
+# torch's x86_64 wheel is a CUDA build: torch, triton and the nvidia-* libraries take about 5.4 GB of the 6.3 GB (the check asks for 5.6).
 need_free_mb() {
   local need="$1" what="$2" dir="$VENV" free
   while [ ! -d "$dir" ]; do dir="$(dirname "$dir")"; done
