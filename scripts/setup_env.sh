@@ -64,7 +64,8 @@ pip_install() {
 }
 
 # pip fails half-way with "[Errno 28] No space left on device" and leaves a broken virtualenv; say it first.
-# torch's x86_64 wheel is a CUDA build: torch, triton and the nvidia-* libraries take about 5.4 GB of the 6.3 GB (the check asks for 5.6).
+# torch's x86_64 wheel is a CUDA build: torch, triton and the nvidia-* libraries take about 5.4 GB of the 6.3 GB a
+# whole virtualenv took here (the check asks for 5.6 and 6.3).
 need_free_mb() {
   local need="$1" what="$2" dir="$VENV" free
   while [ ! -d "$dir" ]; do dir="$(dirname "$dir")"; done
@@ -75,10 +76,17 @@ need_free_mb() {
   fi
 }
 TORCH_MB=5600
+VENV_MB=6300
+# torch and torchvision at the pins, after checking for room; $1 says why.
+install_torch() {
+  need_free_mb "$TORCH_MB" "torch $TORCH_PIN"
+  say "$1"
+  pip_install "torch==$TORCH_PIN" "torchvision==$TORCHVISION_PIN"
+}
 
 # 1. The virtualenv.
 if [ ! -x "$PY" ]; then
-  need_free_mb $((TORCH_MB + 700)) "a new virtualenv with torch $TORCH_PIN"
+  need_free_mb "$VENV_MB" "a new virtualenv with torch $TORCH_PIN"
   if [ -n "${PYTHON:-}" ]; then
     BASE_PY="$PYTHON"
   elif command -v python3.11 >/dev/null 2>&1 && python3.11 -c "" 2>/dev/null; then
@@ -119,15 +127,11 @@ case "$torch_state" in
       # A detectron2 built from source is compiled against this torch: replacing torch would break it.
       say "keeping torch ${torch_state#other } (the installed detectron2 was built against it)"
     else
-      need_free_mb "$TORCH_MB" "torch $TORCH_PIN"
-      say "replacing torch ${torch_state#other } with torch $TORCH_PIN / torchvision $TORCHVISION_PIN"
-      pip_install "torch==$TORCH_PIN" "torchvision==$TORCHVISION_PIN"
+      install_torch "replacing torch ${torch_state#other } with torch $TORCH_PIN / torchvision $TORCHVISION_PIN"
     fi
     ;;
   *)
-    need_free_mb "$TORCH_MB" "torch $TORCH_PIN"
-    say "installing torch $TORCH_PIN / torchvision $TORCHVISION_PIN (large; about a minute from a local mirror)"
-    pip_install "torch==$TORCH_PIN" "torchvision==$TORCHVISION_PIN"
+    install_torch "installing torch $TORCH_PIN / torchvision $TORCHVISION_PIN (large; about a minute from a local mirror)"
     ;;
 esac
 
