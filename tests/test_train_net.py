@@ -279,7 +279,7 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(train_net, "launch", interrupted)
     assert train_net.cli(["--config", str(LAZY), f"train.output_dir={out}"]) == 130
     err = capsys.readouterr().err
-    assert f"train_net: interrupted. The last checkpoint is {out / 'model_0000003.pth'}; the same command with " \
+    assert f"train_net: interrupted. The last saved checkpoint is {out / 'model_0000003.pth'}; the same command with " \
            "--resume continues from it." in err  # fmt: skip
     assert not (out / ".mvit_det_run.lock").exists()  # the lock is released
-    assert resume_hint(str(tmp_path)) == f"No checkpoint was saved in {tmp_path} yet; the same command starts the run again."
+    assert resume_hint(str(tmp_path)) == f"Nothing was saved in {tmp_path} yet; the same command starts the run again."

@@ -23,6 +23,7 @@ from ..checkpoint.io import is_url
 from ..checkpoint.loading import CheckpointMismatchError
 from ..models import MViTv2, get_card
 from ..utils.atomic import atomic_open
+from ..utils.hints import interrupted_advice
 from .cli_messages import mismatch_for_cli
 from .recipes import Recipe, RecipeError
 from .train_data import micro_batch_size
@@ -110,9 +111,7 @@ def probe_output(output: Path) -> None:
 def interrupted_hint(output: Path) -> str:
     """What to do after an interruption, naming the state that ``--resume`` would continue from."""
     last = output / "last.pth"
-    if last.is_file():
-        return f"The last saved state is {last}; the same command with --resume continues from it."
-    return f"Nothing was saved in {output} yet; the same command starts the run again."
+    return interrupted_advice(last if last.is_file() else None, output, saved_as="state")
 
 
 #: Recipe keys that a command-line flag sets, for the resume advice.

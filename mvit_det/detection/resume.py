@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional
 from torch.utils.data import Sampler
 
 from ..utils.atomic import parse_temp_name
+from ..utils.hints import interrupted_advice
 
 __all__ = [
     "LOCK_NAME", "OutputDirLockedError", "TrainLoaderState", "check_output_dir", "last_checkpoint_name",
@@ -155,9 +156,7 @@ def last_checkpoint_name(output_dir: str) -> Optional[str]:
 def resume_hint(output_dir: str) -> str:
     """What to do after an interrupted run, naming the checkpoint it would continue from."""
     name = last_checkpoint_name(output_dir)
-    if name is None:
-        return f"No checkpoint was saved in {output_dir} yet; the same command starts the run again."
-    return f"The last checkpoint is {os.path.join(output_dir, name)}; the same command with --resume continues from it."
+    return interrupted_advice(None if name is None else os.path.join(output_dir, name), output_dir)
 
 
 def periodic_checkpoints(output_dir: str, before: int) -> list[str]:

@@ -1,10 +1,13 @@
-"""The "did you mean" hint of every error about an unknown name (model, detector, config key, recipe key)."""
+"""Hints shared by every tool: "did you mean" for an unknown name (model, detector, config key, recipe key), and what
+to do after an interrupted training run."""
 from __future__ import annotations
 
 from collections.abc import Iterable
 from difflib import get_close_matches
+from os import PathLike
+from typing import Optional, Union
 
-__all__ = ["did_you_mean"]
+__all__ = ["did_you_mean", "interrupted_advice"]
 
 
 def _norm(s: str) -> str:
@@ -22,3 +25,13 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3, cutoff: float = 
     starts = [c for c in choices if len(key) >= 3 and _norm(c).startswith(key) and c != word]
     picked = starts[:n] or get_close_matches(str(word), choices, n=n, cutoff=cutoff)
     return f" Did you mean {' or '.join(repr(c) for c in picked)}?" if picked else ""
+
+
+def interrupted_advice(
+    last_saved: Optional[Union[str, PathLike]], output: Union[str, PathLike], saved_as: str = "checkpoint"
+) -> str:
+    """What to do after an interrupted training run in ``output``: continue from ``last_saved`` (what ``--resume``
+    would load; ``None`` when the run saved nothing yet) or start again. ``saved_as`` names it for the user."""
+    if last_saved is None:
+        return f"Nothing was saved in {output} yet; the same command starts the run again."
+    return f"The last saved {saved_as} is {last_saved}; the same command with --resume continues from it."
