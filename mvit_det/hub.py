@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .checkpoint import CheckpointInfo, load_checkpoint, open_source, read_checkpoint
+from .checkpoint import CheckpointInfo, load_checkpoint, open_source, read_converted
 from .checkpoint.described import attach_description, get_description
 from .models import ARCHS, MODEL_CARDS, MViTv2, get_card, list_models
 from .utils.hints import did_you_mean
@@ -106,7 +106,9 @@ def get_model(
         model = card.build(**overrides)
     if pretrained:
         if source is not None and description is None:  # any file: the head size is the checkpoint's own
-            ckpt_classes = _head_size(source, label)
+            source = read_converted(source, label=label)  # converted once, loaded below as it is
+            head = source.state_dict.get("head.fc.weight")
+            ckpt_classes = int(head.shape[0]) if head is not None else None
         new_head = num_classes is not None and num_classes != ckpt_classes
         if pretrained is True:
             load_checkpoint(model, card.url, strict=strict, skip_head=new_head)
@@ -118,12 +120,6 @@ def get_model(
 
 
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".py", ".json")
-
-
-def _head_size(source: Any, label: str) -> Optional[int]:
-    """Outputs of a checkpoint's classifier (None for a trunk), read from the weights themselves."""
-    head = read_checkpoint(source, label=label)[0].get("head.fc.weight")
-    return int(head.shape[0]) if head is not None else None
 
 
 _CONFIG_KEYS = {"arch": str, "num_classes": int, "expand_attn": bool, "cls_token": bool}

@@ -328,14 +328,20 @@ def test_convert_tool_round_trip(tmp_path, ckpt_fill_random, capsys):
     assert "--arch is deprecated; use --model" in captured.err and "into --model T" in captured.out
 
 
-def test_num_classes_equal_to_the_checkpoint_head_loads_the_head(tmp_path):
+def test_num_classes_equal_to_the_checkpoint_head_loads_the_head(tmp_path, monkeypatch):
     """get_model(name, pretrained=file, num_classes=N) keeps a fine-tuned N-class head (it used to compare N with
-    the model card's 1000 classes and leave the head at its initialisation)."""
+    the model card's 1000 classes and leave the head at its initialisation). It reads the head size from the
+    converted weights and loads those same weights: one conversion per call."""
+    import mvit_det.checkpoint.loading as loading
+
     torch.manual_seed(0)
     tuned = get_model("mvitv2-tiny_3rdparty_in1k", num_classes=7)
     save_checkpoint(tuned, tmp_path / "tuned.pth")
     x = torch.randn(1, 3, 64, 64)
+    calls = []
+    monkeypatch.setattr(loading, "convert", lambda obj: calls.append(1) or convert(obj))
     again = get_model("mvitv2-tiny_3rdparty_in1k", pretrained=str(tmp_path / "tuned.pth"), num_classes=7)
+    assert len(calls) == 1
     assert torch.equal(again(x), tuned(x))
     other = get_model("mvitv2-tiny_3rdparty_in1k", pretrained=str(tmp_path / "tuned.pth"), num_classes=5)
     assert other.head.fc.weight.shape == (5, 768)  # another size: a new head, the trunk loaded

@@ -3,7 +3,7 @@ mvit-det's parameter names, download with a hash-checked cache, and load them wi
 """
 from .formats import FORMATS, CheckpointInfo, convert, describe_state_dict, detect_format
 from .io import CheckpointFileError, DownloadError, download, load_file, save_checkpoint
-from .loading import LoadReport, load_checkpoint, open_source, read_checkpoint
+from .loading import LoadReport, load_checkpoint, open_source, read_checkpoint, read_converted
 
 __all__ = [
     "FORMATS",
@@ -19,5 +19,6 @@ __all__ = [
     "load_file",
     "open_source",
     "read_checkpoint",
+    "read_converted",
     "save_checkpoint",
 ]

@@ -39,7 +39,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Source = Union[str, os.PathLike, Mapping[str, Any]]
+#: What the loaders take: a path, an http(s) URL, a checkpoint dict in memory, or a checkpoint already converted
+#: (``read_converted``), which is used as it is.
+Source = Union[str, os.PathLike, Mapping[str, Any], ConvertedCheckpoint]
 
 _LIST_CAP = 10
 _SCALE_NORM_RE = re.compile(r"^scale\d_norm\.")
@@ -127,7 +129,15 @@ def open_source(source: Source) -> tuple[Mapping[str, Any], str]:
     )
 
 
+def read_converted(source: Source, *, label: Optional[str] = None) -> ConvertedCheckpoint:
+    """Read a path, URL or loaded dict and convert it to mvit-det's layout once; the loaders take the result as it
+    is, so a caller that inspects the weights first (``get_model`` reads the head size) does not convert twice."""
+    return _read(source, label)[0]
+
+
 def _read(source: Source, label: Optional[str] = None) -> tuple[ConvertedCheckpoint, str]:
+    if isinstance(source, ConvertedCheckpoint):
+        return source, label or "<converted>"
     obj, default_label = open_source(source)
     label = label or default_label
     try:
@@ -139,7 +149,7 @@ def _read(source: Source, label: Optional[str] = None) -> tuple[ConvertedCheckpo
 def read_checkpoint(source: Source, *, label: Optional[str] = None) -> tuple[dict[str, Tensor], str]:
     """Read a path, URL or loaded dict and return (state dict in mvit-det's layout, format name). ``label`` names
     a dict already read from a file (see ``open_source``) in error messages."""
-    conv, _ = _read(source, label)
+    conv = read_converted(source, label=label)
     return conv.state_dict, conv.format
 
 
