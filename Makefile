@@ -1,8 +1,8 @@
-# make demo | make test | make setup | make cpu-targets   (VENV=/path/to/venv to use another virtualenv)
+# make demo | make test | make setup | make cpu-targets | make avx2-cpu-test   (VENV=/path/to/venv: another virtualenv)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup setup-test test demo demo-classify cpu-targets
+.PHONY: setup setup-test test demo demo-classify cpu-targets avx2-cpu-test
 
 setup:
 	VENV="$(VENV)" bash scripts/setup_env.sh
@@ -26,3 +26,8 @@ demo-classify: setup
 # runs; the verdicts, a README table row and every run's table in output/cpu_targets/cpu_targets.md.
 cpu-targets: setup-test
 	$(PYTHON) -m benchmarks.cpu_targets output/cpu_targets --main-job
+
+# The precision tests on an emulated AVX2-only CPU (QEMU's user mode, a Haswell model), so that torch and oneDNN pick
+# their AVX2 kernels from CPUID, as on such a laptop; downloads QEMU 10 when none is installed. Correctness only.
+avx2-cpu-test: setup-test
+	VENV="$(VENV)" bash scripts/avx2_cpu_test.sh --fetch
