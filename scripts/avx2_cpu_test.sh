@@ -46,7 +46,8 @@ case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # relative to where it was 
 PY="$VENV/bin/python"
 [ -x "$PY" ] || die "no virtualenv at $VENV: run 'make setup-test' first (or set VENV=/path/to/venv)."
 
-# QEMU 7.2 (Debian 12's) segfaults in ATen's AVX2 grid_sample kernel, which runs on real AVX2 CPUs; 10.0 runs it.
+# QEMU 7.2 (Debian 12's) segfaults in ATen's AVX2 grid_sample kernel, which runs natively when capped to AVX2, and
+# under QEMU 10.0.
 qemu_major() { "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9]*\)\..*/\1/p' | head -n 1; }
 usable() { local m; m="$(qemu_major "$1")"; [ -n "$m" ] && [ "$m" -ge 8 ]; }
 
@@ -92,7 +93,7 @@ fi
 [ -x "$QEMU" ] || die "QEMU=$QEMU is not an executable file."
 usable "$QEMU" || die "$QEMU is QEMU $(qemu_major "$QEMU" || true) ('$QEMU --version'); it needs 8 or later (7.2 crashes in ATen's AVX2 grid_sample). Run again with --fetch, or set QEMU to a newer one."
 
-# Features that QEMU's translator cannot give are named in one warning line each; they are not vector ISA.
+# QEMU warns, once per process, of each feature of the model that its translator cannot give; none is a vector ISA.
 RUN=("$QEMU" -cpu "$CPU_MODEL,-pcid,-x2apic,-tsc-deadline,-invpcid,-spec-ctrl")
 seen="$(env -u ONEDNN_MAX_CPU_ISA -u ATEN_CPU_CAPABILITY -u MKL_ENABLE_INSTRUCTIONS "${RUN[@]}" "$PY" -c \
   'import torch; from mvit_det.models.fastpath import native_bf16; print(torch.backends.cpu.get_cpu_capability(), native_bf16())')" ||
