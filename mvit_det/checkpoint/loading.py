@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "open_source",
     "read_checkpoint",
+    "read_converted",
     "refuse_integer_weights",
 ]
 
