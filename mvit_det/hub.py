@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .checkpoint import CheckpointInfo, load_checkpoint, open_source, read_converted
+from .checkpoint import CheckpointInfo, describe_state_dict, load_checkpoint, open_source, read_converted
 from .checkpoint.described import attach_description, get_description
 from .models import ARCHS, MODEL_CARDS, MViTv2, get_card, list_models
 from .utils.hints import did_you_mean
@@ -107,8 +107,7 @@ def get_model(
     if pretrained:
         if source is not None and description is None:  # any file: the head size is the checkpoint's own
             source = read_converted(source, label=label)  # converted once, loaded below as it is
-            head = source.state_dict.get("head.fc.weight")
-            ckpt_classes = int(head.shape[0]) if head is not None else None
+            ckpt_classes = describe_state_dict(source.state_dict).num_classes
         new_head = num_classes is not None and num_classes != ckpt_classes
         if pretrained is True:
             load_checkpoint(model, card.url, strict=strict, skip_head=new_head)

@@ -95,12 +95,12 @@ usable "$QEMU" || die "$QEMU is QEMU $(qemu_major "$QEMU" || true) ('$QEMU --ver
 
 # QEMU warns, once per process, of each feature of the model that its translator cannot give; none is a vector ISA.
 RUN=("$QEMU" -cpu "$CPU_MODEL,-pcid,-x2apic,-tsc-deadline,-invpcid,-spec-ctrl")
-seen="$(env -u ONEDNN_MAX_CPU_ISA -u ATEN_CPU_CAPABILITY -u MKL_ENABLE_INSTRUCTIONS "${RUN[@]}" "$PY" -c \
+unset ONEDNN_MAX_CPU_ISA ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS  # the CPU model alone decides the kernels
+seen="$("${RUN[@]}" "$PY" -c \
   'import torch; from mvit_det.models.fastpath import native_bf16; print(torch.backends.cpu.get_cpu_capability(), native_bf16())')" ||
   die "$PY did not start under ${RUN[*]}."
 say "the emulated $CPU_MODEL as torch sees it: kernel level ${seen% *}, native bf16 ${seen#* }"
 [ "$seen" = "AVX2 False" ] ||
   die "torch sees '$seen' under QEMU, not 'AVX2 False': this is no AVX2-only CPU. Set CPU_MODEL to a CPU without AVX-512 (Haswell-v4, Skylake-Client-v4)."
 cd "$ROOT"
-exec env -u ONEDNN_MAX_CPU_ISA -u ATEN_CPU_CAPABILITY -u MKL_ENABLE_INSTRUCTIONS \
-  "${RUN[@]}" "$PY" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}"
+exec "${RUN[@]}" "$PY" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}"

@@ -13,10 +13,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from test_cpu_paths import CAPPED
+from test_download import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "avx2_cpu_test.sh"
@@ -29,7 +29,7 @@ def _shim(version: str, env: str, log: Path) -> str:
             f'echo "$@" >> "{log}"\nshift 2\nexec env {env} "$@"\n')
 
 
-AVX2_ONLY = "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+AVX2_ONLY = " ".join(f"{k}={v}" for k, v in CAPPED.items())
 # The commands the script uses, and no others: a QEMU installed on the host stays out of sight.
 TOOLS = ("bash", "sh", "env", "sed", "head", "awk", "cat", "dirname", "basename", "mktemp", "mkdir", "mv", "rm",
          "curl", "xz", "sha256sum", "dpkg-deb", "ar", "tar")
@@ -112,12 +112,6 @@ def _deb(payload: bytes) -> bytes:
     return out
 
 
-def _serve(root: Path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_fetch_downloads_checks_and_stores_qemu(tmp_path):
     mirror = tmp_path / "mirror"
     pool = mirror / "pool" / "main" / "q" / "qemu"
@@ -133,9 +127,9 @@ def test_fetch_downloads_checks_and_stores_qemu(tmp_path):
                  f"SHA256: {sha256}\n\n")
         (index / "Packages.xz").write_bytes(lzma.compress(entry.encode()))
 
-    server = _serve(mirror)
+    server = LocalServer(mirror)
     try:
-        url = {"DEBIAN_MIRROR": f"http://127.0.0.1:{server.server_address[1]}"}
+        url = {"DEBIAN_MIRROR": server.url}
         stored = tmp_path / "cache" / "mvit_det" / "qemu" / "qemu-x86_64"
         publish("0" * 64)  # the index does not match the package: nothing is stored
         proc = _run(tmp_path, "--fetch", str(_a_test_file(tmp_path)), extra_env=url)
@@ -148,7 +142,7 @@ def test_fetch_downloads_checks_and_stores_qemu(tmp_path):
         assert f"stored {stored}" in proc.stdout and "1 passed" in proc.stdout and os.access(stored, os.X_OK)
         assert not list(stored.parent.glob(".fetch.*"))  # the download's temporary folder is gone
     finally:
-        server.shutdown()
+        server.stop()
     # The stored one is found again without --fetch (the mirror is gone).
     proc = _run(tmp_path, str(_a_test_file(tmp_path)))
     assert proc.returncode == 0 and "downloading" not in proc.stdout, proc.stdout + proc.stderr
