@@ -1,4 +1,7 @@
 """Shared pytest fixtures. Each helper's fixtures live in clearly named functions below."""
+import contextlib
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -46,6 +49,38 @@ def ckpt_hub_dir(tmp_path):
         yield hub / "checkpoints"
     finally:
         torch.hub.set_dir(old)
+
+
+# ---- log capture (test_robustness_checkpoints.py, test_robustness_datasets.py) ----------------------------
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _capture_log(name: str, level: int | None = None):
+    """The messages of logger ``name``, from a handler attached to it directly: detectron2's ``setup_logger`` may stop
+    propagation to the root logger, where caplog listens. ``level`` lowers the logger's own level for the duration."""
+    handler, log = _Records(), logging.getLogger(name)
+    old_level = log.level
+    log.addHandler(handler)
+    if level is not None:
+        log.setLevel(level)
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+@pytest.fixture(scope="session")
+def capture_log():
+    """``with capture_log(name, level=None) as messages``: what logger ``name`` logs inside the block."""
+    return _capture_log
 
 
 # ---- issue 17 robustness (test_robustness_security.py, test_robustness_dataloss.py) ----------------

@@ -27,27 +27,11 @@ TOY = REPO / "configs" / "toy" / "mvitv2_t_maskrcnn_toy.py"
 TRUNK = "backbone.bottom_up."
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
-def fvcore_log():
+def fvcore_log(capture_log):
     """What detectron2's checkpointer logs (fvcore.common.checkpoint), captured directly."""
-    handler, log = _Records(), logging.getLogger("fvcore.common.checkpoint")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        yield handler.messages
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    with capture_log("fvcore.common.checkpoint", logging.INFO) as messages:
+        yield messages
 
 
 @pytest.fixture(scope="module")
@@ -266,20 +250,16 @@ def test_detector_checkpoint_into_classifier_entry_points(detector_ckpt, tmp_pat
     assert "is from a detector" in err and "RANDOM" not in err
 
 
-def test_no_alarming_norm_warnings_with_cascade_heads(pyth):
+def test_no_alarming_norm_warnings_with_cascade_heads(pyth, capture_log):
     """d2#4641/#4566: detectron2's suffix heuristics pair the classifier's final ``norm`` with the LayerNorms of the
     Cascade box heads and warn "Shape of norm.weight in checkpoint ... will not be loaded" for each of them.
     MViTv2Checkpointer matches exact names, so the ImageNet checkpoint loads into the Cascade detector quietly."""
     cfg = LazyConfig.load(str(REPO / "configs" / "mvitv2_t_cascade.py"))
     cascade = instantiate(cfg.model)
-    handler, log = _Records(), logging.getLogger("detectron2.checkpoint.c2_model_loading")
-    log.addHandler(handler)
-    try:
+    with capture_log("detectron2.checkpoint.c2_model_loading") as messages:
         DetectionCheckpointer(cascade).load(str(pyth))
-        alarming = [m for m in handler.messages if m.startswith("Shape of norm.")]
+        alarming = [m for m in messages if m.startswith("Shape of norm.")]
         assert len(alarming) >= 12 and "roi_heads.box_head.0.conv1.norm.weight" in " ".join(alarming)
-        handler.messages.clear()
+        messages.clear()
         MViTv2Checkpointer(cascade).load(str(pyth))
-        assert handler.messages == []
-    finally:
-        log.removeHandler(handler)
+        assert messages == []

@@ -23,25 +23,11 @@ from mvit_det.data import load_coco_instances, register_coco_instances  # noqa: 
 H, W = 100, 120
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
-def warnings_of_loader():
-    """Messages logged by mvit_det.data.coco (attached directly: detectron2's setup_logger may stop propagation)."""
-    handler = _Records()
-    log = logging.getLogger("mvit_det.data.coco")
-    log.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        log.removeHandler(handler)
+def warnings_of_loader(capture_log):
+    """Messages logged by mvit_det.data.coco."""
+    with capture_log("mvit_det.data.coco") as messages:
+        yield messages
 
 
 @pytest.fixture
@@ -159,21 +145,14 @@ def test_zero_area_and_out_of_image_boxes(tmp_path, images, names, warnings_of_l
     assert f"Dataset '{name}': clipped 2 boxes that extend beyond their image to the image border." in warnings_of_loader
 
 
-def test_image_left_without_boxes_is_removed_by_detectron2_with_a_count(tmp_path, images, names):
+def test_image_left_without_boxes_is_removed_by_detectron2_with_a_count(tmp_path, images, names, capture_log):
     anns = [_ann(1, 1, [10, 10, 20, 20]), _ann(2, 2, [10, 10, 0, 0])]
     name = names()
     register_coco_instances(name, {}, str(_write(tmp_path / "a.json", [_image(0), _image(1)], anns)), str(images))
-    records, log = _Records(), logging.getLogger("detectron2.data.build")
-    level = log.level
-    log.addHandler(records)
-    log.setLevel(logging.INFO)  # detectron2 logs this count at INFO
-    try:
+    with capture_log("detectron2.data.build", logging.INFO) as messages:  # detectron2 logs this count at INFO
         dicts = get_detection_dataset_dicts(name)
-    finally:
-        log.removeHandler(records)
-        log.setLevel(level)
     assert len(dicts) == 1
-    assert "Removed 1 images with no usable annotations. 1 images left." in records.messages
+    assert "Removed 1 images with no usable annotations. 1 images left." in messages
 
 
 def test_category_id_not_in_categories(tmp_path, images, names):
