@@ -4,10 +4,13 @@
     python -m benchmarks.cpu_targets OUT_DIR --main-job   # and `make demo`'s job, timed (up to 10 minutes more)
     python -m benchmarks.cpu_targets OUT_DIR --dry-run    # the same plan at toy sizes, one round each
 
-``make cpu-targets`` runs the second line into ``output/cpu_targets``. Each benchmark run is ``run_report`` (ours
-and the installed references interleaved in one process, numerics checked, the machine's fp32 ``torch.mm`` rate
-measured at its start): MViTv2-T classification at batch 8 and 224x224 in fp32 three times, the detection backbone
-at one 1024x1024 image twice, classification with bf16 requested once (it also times ours in fp32). With
+``make cpu-targets`` runs the second line into ``output/cpu_targets``. Each benchmark run is ``tools/benchmark.py``
+in a process of its own (ours and the installed references interleaved in it, numerics checked, the machine's fp32
+``torch.mm`` rate measured at its start), so that no run inherits the heap an earlier one left: MViTv2-T
+classification at batch 8 and 224x224 in fp32 three times, the detection backbone at one 1024x1024 image twice with
+glibc's default allocator and once with every freed block reused (``REUSE_MALLOC``: detectron2's largest tensors
+page-fault in afresh at every call by default, and this run shows the ratio without that), classification with bf16
+requested once (it also times ours in fp32). With
 ``--main-job``, ``tools/main_job.py`` runs in a child process into ``OUT_DIR/main_job`` and its ``summary.json``
 gives the job's time and box AP. Each target is judged on the median of its runs; ``cpu_targets.json`` and
 ``cpu_targets.md`` (the verdicts, a row for the README's table of this CPU class, every run's table) are written
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,7 +36,8 @@ import torch
 from mvit_det.utils.atomic import atomic_open
 from mvit_det.utils.cli import positive_int
 
-from .report import cpu_line, model_gflops_per_s, run_markdown, run_report
+from .report import cpu_line, model_gflops_per_s, run_markdown
+from .runner import _settings_argv
 from .settings import OURS, ROOT, Settings, hardware_info
 
 
@@ -56,6 +61,7 @@ TARGETS = (
     Target("cls_vs_best_peer", "classification, ours vs the faster of timm and mmpretrain", 1.4, "x"),
     Target("cls_share_of_mm", "classification, ours' GFLOP/s as a share of the fp32 torch.mm rate", 0.80, "%"),
     Target("det_vs_detectron2", "detection backbone, ours vs detectron2", 1.5, "x"),
+    Target("det_vs_detectron2_reuse", "detection backbone, ours vs detectron2, every freed block reused", 1.5, "x"),
     Target("bf16_vs_fp32", "bf16 requested, ours vs ours in fp32 (a CPU without native bf16)", 0.9, "x"),
     Target("main_job_s", "make demo's job, wall time", 600, "s", at_most=True),
     Target("main_job_box_ap", "make demo's job, box AP on the toy val set", 30, "AP"),
@@ -64,28 +70,44 @@ PEERS = {"cls": ("timm", "mmpretrain"), "det-backbone": ("detectron2",)}
 #: toy sizes of --dry-run (seconds per run on the CPU)
 DRY_SIZE = {"cls": (64, 64), "det-backbone": (96, 96)}
 DRY_MAIN_JOB = ["--pretrain-epochs", "0", "--iters", "1", "--num-vis", "1"]
+#: glibc settings of the run "with every freed block reused": never map a block afresh, never trim the heap, so
+#: that after the warm-up no tensor page-faults in (glibc's mmap threshold cannot exceed 32 MB, hence mmap max 0)
+REUSE_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
-def plan(dry_run: bool = False, threads: int = 2) -> list[Settings]:
-    """The runs, in order: cls fp32 x3, det-backbone x2, cls bf16 x1."""
-    runs = [Settings(task="cls", size="T", batch_size=8, img_size=(224, 224), threads=threads)] * 3
-    runs += [Settings(task="det-backbone", size="T", batch_size=1, img_size=(1024, 1024), threads=threads,
-                      warmup=1, iters=5)] * 2
-    runs += [Settings(task="cls", size="T", batch_size=8, img_size=(224, 224), dtype="bf16", threads=threads)]
+@dataclass(frozen=True)
+class PlannedRun:
+    settings: Settings
+    malloc_env: dict[str, str] = field(default_factory=dict)  # allocator variables of its process
+
+    @property
+    def title(self) -> str:
+        return self.settings.title + "".join(f", {k}={v}" for k, v in self.malloc_env.items())
+
+
+def plan(dry_run: bool = False, threads: int = 2) -> list[PlannedRun]:
+    """The runs, in order: cls fp32 x3, det-backbone x2, det-backbone with every freed block reused, cls bf16."""
+    cls = Settings(task="cls", size="T", batch_size=8, img_size=(224, 224), threads=threads)
+    det = Settings(task="det-backbone", size="T", batch_size=1, img_size=(1024, 1024), threads=threads, warmup=1,
+                   iters=5)
+    runs = [cls] * 3 + [det] * 3 + [Settings(**{**cls.__dict__, "dtype": "bf16"})]
     if dry_run:
         runs = [Settings(task=s.task, size="T", batch_size=1, img_size=DRY_SIZE[s.task], dtype=s.dtype,
                          threads=threads, warmup=0, iters=1) for s in runs]
-    return runs
+    return [PlannedRun(s, REUSE_MALLOC if i == 5 else {}) for i, s in enumerate(runs)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading a run
 # ---------------------------------------------------------------------------------------------
-def _kind(run: dict[str, Any]) -> str:
-    """Which targets a run of the plan measures: "cls" (fp32 classification), "det" or "bf16"."""
+def _kind(done: dict[str, Any]) -> str:
+    """Which targets a finished run measures: "cls" (fp32 classification), "det", "det-reuse" or "bf16"."""
+    run = done["run"]
     if run["settings"]["dtype"] != "fp32":
         return "bf16"
-    return "det" if run["task"] == "det-backbone" else "cls"
+    if run["task"] == "det-backbone":
+        return "det-reuse" if done.get("malloc_env") else "det"
+    return "cls"
 
 
 def _row(run: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
@@ -120,10 +142,11 @@ def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], na
     values: dict[str, list[float]] = {t.key: [] for t in TARGETS}
     # target <- (kind of run, figure of the run)
     sources = {"cls_vs_best_peer": ("cls", "vs_best_peer"), "cls_share_of_mm": ("cls", "share_of_mm"),
-               "det_vs_detectron2": ("det", "vs_best_peer"), "bf16_vs_fp32": ("bf16", "vs_own_fp32")}
+               "det_vs_detectron2": ("det", "vs_best_peer"), "det_vs_detectron2_reuse": ("det-reuse", "vs_best_peer"),
+               "bf16_vs_fp32": ("bf16", "vs_own_fp32")}
     for d in done:
         for key, (kind, figure) in sources.items():
-            if _kind(d["run"]) == kind and figure in d["figures"]:
+            if _kind(d) == kind and figure in d["figures"]:
                 values[key].append(d["figures"][figure])
     if main_job and "summary" in main_job:
         values["main_job_s"].append(main_job["summary"]["total_s"])
@@ -146,6 +169,22 @@ def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], na
                 row["met"] = t.met(row["median"])
         verdicts.append(row)
     return verdicts
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+def run_child(planned: PlannedRun, json_path: Path) -> dict[str, Any]:
+    """One benchmark run in a new process (``python -m benchmarks ... --out-json``) with its allocator settings;
+    its report. Its progress and tables show as it runs."""
+    cmd = [sys.executable, "-m", "benchmarks", *_settings_argv(planned.settings), "--out-json", str(json_path)]
+    env = {**os.environ, **planned.malloc_env}
+    json_path.unlink(missing_ok=True)
+    rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+    if rc != 0 or not json_path.is_file():
+        raise SystemExit(f"error: the benchmark run failed (exit code {rc}; its output is above): "
+                         + " ".join([*(f"{k}={v}" for k, v in planned.malloc_env.items()), *cmd]))
+    return json.loads(json_path.read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,9 +217,9 @@ def _span(values: Sequence[float], spec: str) -> str:
 def readme_row(report: dict[str, Any]) -> str:
     """The row for the README's performance table of this CPU class (machine | classification | det | bf16)."""
     hw, done = report["hardware"], report["done"]
-    cls = [d["figures"] for d in done if _kind(d["run"]) == "cls"]
-    det = [d for d in done if _kind(d["run"]) == "det"]
-    bf16 = [d["figures"] for d in done if _kind(d["run"]) == "bf16"]
+    cls = [d["figures"] for d in done if _kind(d) == "cls"]
+    det = [d for d in done if _kind(d) in ("det", "det-reuse")]
+    bf16 = [d["figures"] for d in done if _kind(d) == "bf16"]
     gemm = [d["gemm_fp32_gflops"] for d in done]
     n = hw["torch_threads"]
     machine = (f"{cpu_line(hw)}, {n} thread{'s' if n > 1 else ''}, {hw['date'][:10]}, {hw['mvit_det_commit']} "
@@ -197,7 +236,9 @@ def readme_row(report: dict[str, Any]) -> str:
         cells.append("")
     if det:
         ms = ", ".join(f"{1e3 / d['figures']['ours_img_s']:.0f}" for d in det)
-        ratio = ", ".join(f"{d['figures']['vs_best_peer']:.2f}x" for d in det if "vs_best_peer" in d["figures"])
+        ratio = ", ".join(f"{d['figures']['vs_best_peer']:.2f}x" + (" (freed blocks reused)" if d.get("malloc_env")
+                                                                     else "")
+                          for d in det if "vs_best_peer" in d["figures"])
         cells.append(f"{len(det)} runs: ours {ms} ms: **{ratio}** detectron2")
     else:
         cells.append("")
@@ -238,7 +279,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["", "Row for the README's table of this CPU class (machine | classification | detection backbone | "
                   "bf16):", "", readme_row(report)]
     for d in report["done"]:
-        lines += ["", run_markdown(d["run"], {**hw, "gemm_fp32_gflops": d["gemm_fp32_gflops"]})]
+        lines += ["", run_markdown(d["run"], {**hw, "gemm_fp32_gflops": d["gemm_fp32_gflops"]}),
+                  f"malloc: {d.get('malloc') or 'not recorded'}"]
     for w in report["warnings"]:
         lines.append(f"- **warning**: {w}")
     return "\n".join(lines) + "\n"
@@ -264,7 +306,7 @@ def run(out_dir: Path, dry_run: bool = False, main_job: bool = False, threads: i
     settings = plan(dry_run, threads)
     torch.set_num_threads(threads)
     hw = hardware_info("cpu")
-    key = {"dry_run": dry_run, "plan": [s.title for s in settings], "cpu_model": hw["cpu_model"],
+    key = {"dry_run": dry_run, "plan": [p.title for p in settings], "cpu_model": hw["cpu_model"],
            "cpu_isa": hw["cpu_isa"], "torch_cpu_capability": hw["torch_cpu_capability"], "threads": threads,
            "commit": hw["mvit_det_commit"]}
     old = _earlier_report(out_dir / "cpu_targets.json", key)
@@ -287,10 +329,11 @@ def run(out_dir: Path, dry_run: bool = False, main_job: bool = False, threads: i
     pending = [t.key for t in TARGETS if main_job or not t.key.startswith("main_job")]
     for i in range(len(report["done"]), len(settings)):
         print(f"[cpu-targets] run {i + 1}/{len(settings)}: {settings[i].title}", flush=True)
-        one = run_report([settings[i]])
+        one = run_child(settings[i], out_dir / f"run_{i + 1}.json")
         (r,) = one["runs"]
         gemm = one["hardware"]["gemm_fp32_gflops"]
-        report["done"].append({"run": r, "gemm_fp32_gflops": gemm, "figures": run_figures(r, gemm)})
+        report["done"].append({"run": r, "gemm_fp32_gflops": gemm, "figures": run_figures(r, gemm),
+                               "malloc": one["hardware"].get("malloc"), "malloc_env": settings[i].malloc_env})
         report["warnings"] += [w for w in one["warnings"] if w not in report["warnings"]]
         report["verdicts"] = judge(report["done"], report["main_job"], hw["native_bf16"], pending)
         _write(out_dir, report)

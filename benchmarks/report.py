@@ -142,7 +142,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"## MViTv2 benchmark ({hw['date']})",
         "",
         f"{hw['device_name']} ({hw['cpu_count']} CPUs, {hw['torch_threads']} torch threads), torch {hw['torch']}, "
-        f"python {hw['python']}, mvit-det {hw['mvit_det_commit'] or 'unknown commit'}",
+        f"python {hw['python']}, mvit-det {hw['mvit_det_commit'] or 'unknown commit'}, malloc: "
+        f"{hw.get('malloc', 'not recorded')}",
         "",
         cpu_line(hw) + f"; fp32 2048x2048 torch.mm {_fmt(hw.get('gemm_fp32_gflops'), '.0f')} GFLOP/s "
         f"({hw['device']}).",

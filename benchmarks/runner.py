@@ -117,7 +117,6 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
                 f"numerics: {c.name} differs from {OURS} by {numerics[c.name]['fp32']:.3g} (max relative, fp32) "
                 f"> {NUMERICS_TOL:g}"
             )
-    flops, flops_note = wl.flops(ours.model)
 
     # 2. Timing, interleaved.
     graph_breaks: dict[str, Optional[int]] = {}
@@ -130,6 +129,11 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
 
     # 3. Peak memory of one more step each (not timed).
     memory = {c.name: measure_peak_memory(c.step, s.device) for c in contenders}
+    # 4. FLOPs last: fvcore's jit trace leaves large freed holes in glibc's heap, in which a reference's largest
+    # tensors (detectron2's 61-134 MB attention maps at 1024x1024) then fit without page faults. Counted before the
+    # timing, it gave detectron2 a warm heap that no user's process has (3.3 s per image against 5-7.6 s fresh,
+    # docs/performance.md).
+    flops, flops_note = wl.flops(ours.model)
 
     rows = []
     ours_p50 = percentile(times[OURS], 50)
@@ -184,6 +188,7 @@ def _settings_argv(s: Settings) -> list[str]:
     ]
     if s.threads:
         argv += ["--threads", str(s.threads)]
+    argv += ["--warmup", str(s.warmup), "--iters", str(s.iters)]
     if s.act_checkpoint:
         argv.append("--act-checkpoint")
     if s.compile:

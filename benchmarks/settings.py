@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mvit_det.models.fastpath import cpu_info
+from mvit_det.utils.malloc import allocator_settings
 from .references import reference_version
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -179,6 +180,7 @@ def hardware_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device == "cuda" else None,
         "mvit_det_commit": _git_commit(),
+        "malloc": allocator_settings(),
     }
     for lib in ("timm", "mmpretrain", "detectron2", "fvcore"):
         info[lib] = reference_version(lib)

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from mvit_det.utils.malloc import keep_freed_memory
+from mvit_det.utils.malloc import allocator_settings, keep_freed_memory
 
 # An MViTv2-T training step at 32x32 (batch 2), as in the digits pre-training: its gradients are set to None and
 # allocated again at every step. Prints the page faults per step, after two steps of warm-up.
@@ -51,7 +51,15 @@ def test_training_steps_stop_page_faulting_their_memory_in_anew():
     assert kept < default / 10, (kept, default)
 
 
-@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD"])
+@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES",
+                                  "LD_PRELOAD"])
 def test_the_callers_allocator_settings_win(name):
     # returns before any mallopt call, so it is safe in the test process
     assert keep_freed_memory(environ={name: "x"}) == f"malloc: left to the caller ({name} set)"
+
+
+def test_allocator_settings_name_what_the_environment_sets():
+    # what a benchmark's header records: timings of large tensors depend on it
+    assert allocator_settings({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1099511627776", "HOME": "/x"}) == (
+        "MALLOC_TRIM_THRESHOLD_=1099511627776, MALLOC_MMAP_MAX_=0")
+    assert allocator_settings({"HOME": "/x"}) in ("glibc's defaults", "the system's defaults")

@@ -15,7 +15,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["allocator_settings", "keep_freed_memory"]
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -24,7 +24,17 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 # the caller's own allocator settings win
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
+                  "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def allocator_settings(environ=os.environ) -> str:
+    """The allocator settings of this process's environment, for a benchmark's header: timings of large tensors
+    depend on them (a block glibc maps afresh page-faults in on first touch; a reused one does not)."""
+    set_by_user = [f"{name}={environ[name]}" for name in _USER_SETTINGS if environ.get(name)]
+    if set_by_user:
+        return ", ".join(set_by_user)
+    return "glibc's defaults" if sys.platform.startswith("linux") else "the system's defaults"
 
 
 def keep_freed_memory(mmap: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD, environ=os.environ) -> str:
