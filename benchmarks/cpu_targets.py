@@ -1,6 +1,6 @@
 """Issue 11's CPU targets in one command: every run they rest on, measured, judged and written as a table row.
 
-    python -m benchmarks.cpu_targets OUT_DIR              # the benchmark runs (about 5 minutes on 2 cores)
+    python -m benchmarks.cpu_targets OUT_DIR              # the benchmark runs (14 minutes on one AVX2 thread)
     python -m benchmarks.cpu_targets OUT_DIR --main-job   # and `make demo`'s job, timed (up to 10 minutes more)
     python -m benchmarks.cpu_targets OUT_DIR --dry-run    # the same plan at toy sizes, one round each
 
