@@ -174,10 +174,12 @@ def run_report(settings: Sequence[Settings], mode: str = "single") -> dict[str, 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     gemm = gemm_gflops(s0.device)
-    runs = []
+    runs, count_flops = [], []
     for i, s in enumerate(settings):
         desc = f"[{i + 1}/{len(settings)}] {s.task} {s.img_size[0]}x{s.img_size[1]}" if len(settings) > 1 else s.task
-        runs.append(run_benchmark(s, desc))
+        runs.append(run_benchmark(s, desc, count_flops))
+    for fill_in in count_flops:  # after every timing (see run_benchmark)
+        fill_in()
     hardware = {**hardware_info(s0.device), "gemm_fp32_gflops": gemm, "load_average_1min_before": load_before}
     partial_cap = isa_cap_warning(hardware) if s0.device == "cpu" else None
     warnings = [w for w in (early, partial_cap) if w]

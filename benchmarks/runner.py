@@ -97,8 +97,9 @@ def _count_graph_breaks(step: Callable[[], Any]) -> int:
     return int(sum(counters["graph_break"].values()))
 
 
-def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
-    """Benchmark one configuration; returns the JSON-ready result (see ``--out-json``)."""
+def run_benchmark(s: Settings, progress_desc: str = "", count_flops: Optional[list] = None) -> dict[str, Any]:
+    """Benchmark one configuration; returns the JSON-ready result (see ``--out-json``). With ``count_flops`` (a list),
+    the FLOP count is left to the caller, after its other runs: ``count_flops`` gets the function that fills it in."""
     wl = WORKLOADS[s.task](s)
     contenders, skipped = build_contenders(wl)
     warnings: list[str] = []
@@ -129,11 +130,6 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
 
     # 3. Peak memory of one more step each (not timed).
     memory = {c.name: measure_peak_memory(c.step, s.device) for c in contenders}
-    # 4. FLOPs last: fvcore's jit trace leaves large freed holes in glibc's heap, in which a reference's largest
-    # tensors (detectron2's 61-134 MB attention maps at 1024x1024) then fit without page faults. Counted before the
-    # timing, it gave detectron2 a warm heap that no user's process has (3.3 s per image against 5-7.6 s fresh,
-    # docs/performance.md).
-    flops, flops_note = wl.flops(ours.model)
 
     rows = []
     ours_p50 = percentile(times[OURS], 50)
@@ -162,8 +158,8 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
         "title": s.title,
         "settings": {**asdict(s), "img_size": list(s.img_size)},
         "images_per_step": wl.images_per_step,
-        "gflops_per_image": None if flops is None else flops / 1e9,
-        "flops_note": flops_note,
+        "gflops_per_image": None,
+        "flops_note": "",
         "memory_kind": memory_kind(s.device),
         "numerics_tolerance_fp32": NUMERICS_TOL,
         "models": rows,
@@ -174,6 +170,19 @@ def run_benchmark(s: Settings, progress_desc: str = "") -> dict[str, Any]:
         result["fresh_process_memory"] = {
             c.name: fresh_process_peak_rss(s, c.name) for c in contenders
         }
+
+    # 4. FLOPs last: fvcore's jit trace leaves large freed holes in glibc's heap, in which a reference's largest
+    # tensors (detectron2's 61-134 MB attention maps at 1024x1024) then fit without page faults. Counted before the
+    # timing, it gave detectron2 a warm heap that no user's process has (3.3 s per image against 5-7.6 s fresh,
+    # docs/performance.md); a caller with more runs to time counts them after all of its runs.
+    def fill_in_flops() -> None:
+        flops, result["flops_note"] = wl.flops(ours.model)
+        result["gflops_per_image"] = None if flops is None else flops / 1e9
+
+    if count_flops is None:
+        fill_in_flops()
+    else:
+        count_flops.append(fill_in_flops)
     return result
 
 

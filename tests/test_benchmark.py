@@ -126,6 +126,15 @@ def test_flops_are_counted_after_the_timed_and_memory_steps(monkeypatch):
     assert events == ["time_round_robin", "measure_peak_memory", "measure_peak_memory", "flops"]
     assert run["gflops_per_image"] > 0
 
+    # several runs in one process (--scaling): no run is timed after any trace
+    events.clear()
+    sizes = [(128, 128), (160, 160)]
+    report = bm.run_report([bm.Settings(task="det-backbone", batch_size=1, img_size=hw, warmup=0, iters=1) for hw in sizes],
+                           mode="scaling")  # fmt: skip
+    assert events == ["time_round_robin", "measure_peak_memory", "measure_peak_memory"] * 2 + ["flops"] * 2
+    gflops = [r["gflops_per_image"] for r in report["runs"]]
+    assert 0 < gflops[0] < gflops[1] and all("fvcore" in r["flops_note"] for r in report["runs"])
+
 
 def test_det_model_and_train_step():
     model_run = bm.run_benchmark(
