@@ -37,7 +37,7 @@ from mvit_det.utils.atomic import atomic_open
 from mvit_det.utils.cli import positive_int
 
 from .report import cpu_line, model_gflops_per_s, run_markdown
-from .runner import _settings_argv
+from .runner import settings_argv
 from .settings import OURS, ROOT, Settings, hardware_info
 
 
@@ -181,7 +181,7 @@ def judge(done: Sequence[dict[str, Any]], main_job: Optional[dict[str, Any]], na
 def run_child(planned: PlannedRun, json_path: Path) -> dict[str, Any]:
     """One benchmark run in a new process (``python -m benchmarks ... --out-json``) with its allocator settings;
     its report. Its progress and tables show as it runs."""
-    cmd = [sys.executable, "-m", "benchmarks", *_settings_argv(planned.settings), "--out-json", str(json_path)]
+    cmd = [sys.executable, "-m", "benchmarks", *settings_argv(planned.settings), "--out-json", str(json_path)]
     env = {**os.environ, **planned.malloc_env}
     json_path.unlink(missing_ok=True)
     rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode

@@ -189,7 +189,8 @@ def run_benchmark(s: Settings, progress_desc: str = "", count_flops: Optional[li
 # ---------------------------------------------------------------------------------------------
 # Activation-checkpointing memory in fresh processes (CPU)
 # ---------------------------------------------------------------------------------------------
-def _settings_argv(s: Settings) -> list[str]:
+def settings_argv(s: Settings) -> list[str]:
+    """The arguments of ``tools/benchmark.py`` (``python -m benchmarks``) that run ``s``."""
     h, w = s.img_size
     argv = [
         "--task", s.task, "--size", s.size, "--batch-size", str(s.batch_size), "--img-size", f"{h}x{w}",
@@ -209,7 +210,7 @@ def _settings_argv(s: Settings) -> list[str]:
 
 def fresh_process_peak_rss(s: Settings, name: str) -> Optional[float]:
     """Peak RSS (MB) that two training steps of contender ``name`` add, measured in a new process."""
-    cmd = [sys.executable, "-m", "benchmarks", *_settings_argv(s), "--memory-probe", name]
+    cmd = [sys.executable, "-m", "benchmarks", *settings_argv(s), "--memory-probe", name]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
