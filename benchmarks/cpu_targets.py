@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -93,11 +93,10 @@ def plan(dry_run: bool = False, threads: int = 2) -> list[PlannedRun]:
     cls = Settings(task="cls", size="T", batch_size=8, img_size=(224, 224), threads=threads)
     det = Settings(task="det-backbone", size="T", batch_size=1, img_size=(1024, 1024), threads=threads, warmup=1,
                    iters=5)
-    runs = [cls] * 3 + [det] * 2 + [cls, det, Settings(**{**cls.__dict__, "dtype": "bf16"})]
     if dry_run:
-        runs = [Settings(task=s.task, size="T", batch_size=1, img_size=DRY_SIZE[s.task], dtype=s.dtype,
-                         threads=threads, warmup=0, iters=1) for s in runs]
-    return [PlannedRun(s, REUSE_MALLOC if i in (5, 6) else {}) for i, s in enumerate(runs)]
+        cls, det = (replace(s, batch_size=1, img_size=DRY_SIZE[s.task], warmup=0, iters=1) for s in (cls, det))
+    return ([PlannedRun(cls)] * 3 + [PlannedRun(det)] * 2
+            + [PlannedRun(cls, REUSE_MALLOC), PlannedRun(det, REUSE_MALLOC), PlannedRun(replace(cls, dtype="bf16"))])
 
 
 # ---------------------------------------------------------------------------------------------

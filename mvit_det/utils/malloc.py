@@ -28,12 +28,16 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MM
                   "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
+def _set_by_user(environ) -> dict[str, str]:
+    return {name: environ[name] for name in _USER_SETTINGS if environ.get(name)}
+
+
 def allocator_settings(environ=os.environ) -> str:
     """The allocator settings of this process's environment, for a benchmark's header: timings of large tensors
     depend on them (a block glibc maps afresh page-faults in on first touch; a reused one does not)."""
-    set_by_user = [f"{name}={environ[name]}" for name in _USER_SETTINGS if environ.get(name)]
+    set_by_user = _set_by_user(environ)
     if set_by_user:
-        return ", ".join(set_by_user)
+        return ", ".join(f"{name}={value}" for name, value in set_by_user.items())
     return "glibc's defaults" if sys.platform.startswith("linux") else "the system's defaults"
 
 
@@ -41,7 +45,7 @@ def keep_freed_memory(mmap: int = MMAP_THRESHOLD, trim: int = TRIM_THRESHOLD, en
     """Fix glibc's mmap threshold at ``mmap`` bytes and its trim threshold at ``trim`` bytes for this process; return
     what was done, as one line for the log. Left alone where the caller set allocator variables or preloaded another
     allocator (``LD_PRELOAD``), and off glibc."""
-    set_by_user = [name for name in _USER_SETTINGS if environ.get(name)]
+    set_by_user = _set_by_user(environ)
     if set_by_user:
         return f"malloc: left to the caller ({', '.join(set_by_user)} set)"
     if not sys.platform.startswith("linux"):
