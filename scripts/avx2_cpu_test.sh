@@ -11,7 +11,8 @@
 #   QEMU         the qemu-x86_64 binary (default: qemu-x86_64 on PATH, else the one --fetch stored)
 #   VENV         the virtualenv (default: .venv in the repository root)
 #   CPU_MODEL    QEMU's CPU model (default: Haswell-v4)
-# Processes that a test starts run on the host CPU: QEMU's user mode does not follow exec.
+# Processes that a test starts (tools run as commands, torchrun's workers) run emulated too: QEMU's user mode does not
+# follow exec, so the tests see as sys.executable a wrapper that starts the virtualenv's python under the same QEMU.
 set -Eeuo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,7 +37,7 @@ ARGS=()
 for arg in "$@"; do
   case "$arg" in
     --fetch) FETCH=1 ;;
-    -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h | --help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done
@@ -96,11 +97,34 @@ usable "$QEMU" || die "$QEMU is QEMU $(qemu_major "$QEMU" || true) ('$QEMU --ver
 # QEMU warns, once per process, of each feature of the model that its translator cannot give; none is a vector ISA.
 RUN=("$QEMU" -cpu "$CPU_MODEL,-pcid,-x2apic,-tsc-deadline,-invpcid,-spec-ctrl")
 unset ONEDNN_MAX_CPU_ISA ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS  # the CPU model alone decides the kernels
-seen="$("${RUN[@]}" "$PY" -c \
-  'import torch; from mvit_det.models.fastpath import native_bf16; print(torch.backends.cpu.get_cpu_capability(), native_bf16())')" ||
+
+# A virtualenv whose python is the real one under QEMU: Python takes sys.executable from argv[0] (QEMU's -0) and
+# finds pyvenv.cfg and site-packages beside it, so every process started with sys.executable, or as python from
+# PATH, runs on the emulated CPU as well.
+EMU="$(mktemp -d "${TMPDIR:-/tmp}/avx2-cpu.XXXXXX")"
+trap 'rm -rf "$EMU"' EXIT
+mkdir "$EMU/bin"
+cp "$VENV/pyvenv.cfg" "$EMU/pyvenv.cfg" 2>/dev/null || die "$VENV has no pyvenv.cfg: VENV must be a virtualenv (python -m venv)."
+ln -s "$VENV/lib" "$EMU/lib"
+{
+  echo '#!/bin/sh'
+  printf 'exec'; printf ' %q' "${RUN[@]}"; printf ' -0 "$0" %q "$@"\n' "$PY"
+} > "$EMU/bin/python"
+chmod +x "$EMU/bin/python"
+ln -s python "$EMU/bin/python3"
+export PATH="$EMU/bin:$PATH"
+
+seen="$("$EMU/bin/python" -c '
+import subprocess, sys, torch
+from mvit_det.models.fastpath import native_bf16
+child = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
+print(torch.backends.cpu.get_cpu_capability(), native_bf16(), subprocess.check_output(child, text=True).strip())')" ||
   die "$PY did not start under ${RUN[*]}."
-say "the emulated $CPU_MODEL as torch sees it: kernel level ${seen% *}, native bf16 ${seen#* }"
-[ "$seen" = "AVX2 False" ] ||
-  die "torch sees '$seen' under QEMU, not 'AVX2 False': this is no AVX2-only CPU. Set CPU_MODEL to a CPU without AVX-512 (Haswell-v4, Skylake-Client-v4)."
+read -r level bf16 child_level <<<"$seen"
+say "the emulated $CPU_MODEL as torch sees it: kernel level $level, native bf16 $bf16; in a process it starts: kernel level $child_level"
+[ "$seen" = "AVX2 False AVX2" ] ||
+  die "torch sees '$seen' under QEMU, not 'AVX2 False AVX2' (kernel level, native bf16, a child's kernel level): this is no AVX2-only CPU. Set CPU_MODEL to a CPU without AVX-512 (Haswell-v4, Skylake-Client-v4)."
 cd "$ROOT"
-exec "${RUN[@]}" "$PY" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}"
+status=0
+"$EMU/bin/python" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}" || status=$?
+exit "$status"

@@ -24,14 +24,18 @@ VENV = Path(sys.prefix)
 
 
 def _shim(version: str, env: str, log: Path) -> str:
-    """A qemu-x86_64 that reports ``version``, logs its arguments and runs the command with ``env`` set."""
-    return (f'#!/bin/sh\nif [ "$1" = "--version" ]; then echo "qemu-x86_64 version {version}"; exit 0; fi\n'
-            f'echo "$@" >> "{log}"\nshift 2\nexec env {env} "$@"\n')
+    """A qemu-x86_64 that reports ``version``, logs its arguments and runs the command with ``env`` set, handing it
+    the argv[0] that QEMU's ``-0`` names, as QEMU does."""
+    return (f'#!/bin/bash\nif [ "$1" = "--version" ]; then echo "qemu-x86_64 version {version}"; exit 0; fi\n'
+            f'echo "$@" >> "{log}"\nargv0=\n'
+            'while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do [ "$1" = -0 ] && argv0="$2"; shift 2; done\n'
+            f'export {env}\nexec -a "${{argv0:-$1}}" "$@"\n')
 
 
 AVX2_ONLY = " ".join(f"{k}={v}" for k, v in CAPPED.items())
 # The commands the script uses, and no others: a QEMU installed on the host stays out of sight.
-TOOLS = ("bash", "sh", "env", "sed", "head", "awk", "cat", "dirname", "basename", "mktemp", "mkdir", "mv", "rm",
+TOOLS = ("bash", "sh", "env", "sed", "head", "awk", "cat", "dirname", "basename", "mktemp", "mkdir", "mv", "rm", "cp", "ln",
+         "chmod",
          "curl", "xz", "sha256sum", "dpkg-deb", "ar", "tar")
 
 
@@ -48,6 +52,11 @@ def _run(tmp_path, *args, qemu=None, extra_env=None):
     env = {k: v for k, v in os.environ.items() if k not in ("QEMU", "CPU_MODEL", "DEBIAN_MIRROR")}
     env.update(PATH=str(bin_dir), VENV=str(VENV), XDG_CACHE_HOME=str(tmp_path / "cache"), **(extra_env or {}))
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _calls(log: Path) -> list[str]:
+    """The shim's invocations (a ``-c`` program of several lines spans several lines of its log)."""
+    return [line for line in log.read_text().splitlines() if line.startswith("-cpu ")]
 
 
 def _a_test_file(tmp_path) -> Path:
@@ -76,8 +85,8 @@ def test_a_cpu_that_torch_does_not_see_as_avx2_only_is_refused(tmp_path):
     proc = _run(tmp_path, str(_a_test_file(tmp_path)),
                 qemu=_shim("10.0.13", "ATEN_CPU_CAPABILITY=default", tmp_path / "qemu.log"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "not 'AVX2 False'" in proc.stderr and "CPU_MODEL" in proc.stderr
-    assert len((tmp_path / "qemu.log").read_text().splitlines()) == 1  # the check ran, the tests did not
+    assert "not 'AVX2 False AVX2'" in proc.stderr and "CPU_MODEL" in proc.stderr
+    assert len(_calls(tmp_path / "qemu.log")) == 2  # the check and its child ran, the tests did not
 
 
 def test_runs_pytest_under_the_haswell_model(tmp_path):
@@ -85,9 +94,32 @@ def test_runs_pytest_under_the_haswell_model(tmp_path):
     proc = _run(tmp_path, str(_a_test_file(tmp_path)), qemu=_shim("10.0.13", AVX2_ONLY, log))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kernel level AVX2, native bf16 False" in proc.stdout and "1 passed" in proc.stdout
-    calls = log.read_text().splitlines()
-    assert len(calls) == 2 and all(c.startswith("-cpu Haswell-v4,") for c in calls)
-    assert f"-m pytest -q -p no:cacheprovider -rs {tmp_path / 'test_sees_avx2.py'}" in calls[1]
+    calls = _calls(log)
+    # The check, the process it starts, the tests.
+    assert len(calls) == 3 and all(c.startswith("-cpu Haswell-v4,") and " -0 " in c for c in calls)
+    assert f"-m pytest -q -p no:cacheprovider -rs {tmp_path / 'test_sees_avx2.py'}" in calls[2]
+    assert "in a process it starts: kernel level AVX2" in proc.stdout
+
+
+def test_processes_the_tests_start_run_under_qemu_too(tmp_path):
+    """QEMU's user mode does not follow exec: the script's wrapper python must, for sys.executable and PATH."""
+    test = tmp_path / "test_starts_tools.py"
+    test.write_text(
+        "import subprocess, sys\n\n"
+        "def test_children():\n"
+        "    for cmd in ([sys.executable, '-c', 'print(1)'], ['python', '-c', 'print(2)'], ['python3', '-c', 'print(3)']):\n"
+        "        assert subprocess.check_output(cmd, text=True).strip() == cmd[-1][-2]\n"
+        f"    assert sys.executable != {str(VENV / 'bin' / 'python')!r}\n")
+    log = tmp_path / "qemu.log"
+    proc = _run(tmp_path, str(test), qemu=_shim("10.0.13", AVX2_ONLY, log))
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr
+    calls = _calls(log)
+    assert len(calls) == 6, calls  # the check and its child, the tests, the three processes they start
+    assert [c.split()[-1] for c in calls[3:]] == ["print(1)", "print(2)", "print(3)"]
+    assert all(f"{VENV / 'bin' / 'python'} -c" in c for c in calls[3:])
+    # The wrapper lived in a temporary virtualenv that is gone.
+    wrapper = calls[3].split(" -0 ")[1].split()[0]
+    assert wrapper.endswith("/bin/python") and not Path(wrapper).exists()
 
 
 def _deb(payload: bytes) -> bytes:
