@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Each helper's fixtures live in clearly named functions below."""
 import contextlib
 import logging
+import sys
 
 import pytest
 import torch
@@ -75,6 +76,28 @@ def _capture_log(name: str, level: int | None = None):
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
+
+
+def _named_loggers() -> list[logging.Logger]:
+    return [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """Undo what a tool's ``main()`` run in-process did to the named loggers: detectron2's ``setup_logger`` (cached,
+    so called once per process) binds a handler to the sys.stdout of that moment, pytest's capture of one test, which
+    is closed by the next; a later test that logs to the same logger printed '--- Logging error ---' into its stderr.
+    The root logger is pytest's to manage (its capture handlers change between a test's phases)."""
+    saved = {log: (list(log.handlers), log.level, log.propagate) for log in _named_loggers()}
+    yield
+    for log in _named_loggers():
+        handlers, level, propagate = saved.get(log, ([], logging.NOTSET, True))
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
+    d2_logger = sys.modules.get("detectron2.utils.logger")  # not imported here: some tests check who imports it
+    if d2_logger is not None:
+        d2_logger.setup_logger.cache_clear()
 
 
 @pytest.fixture(scope="session")
