@@ -105,8 +105,9 @@ def test_processes_the_tests_start_run_under_qemu_too(tmp_path):
     """QEMU's user mode does not follow exec: the script's wrapper python must, for sys.executable and PATH."""
     test = tmp_path / "test_starts_tools.py"
     test.write_text(
-        "import subprocess, sys\n\n"
+        "import os, subprocess, sys\n\n"
         "def test_children():\n"
+        "    assert os.environ['MVIT_DET_EMULATED_CPU'] == 'qemu-user'\n"
         "    for cmd in ([sys.executable, '-c', 'print(1)'], ['python', '-c', 'print(2)'], ['python3', '-c', 'print(3)']):\n"
         "        assert subprocess.check_output(cmd, text=True).strip() == cmd[-1][-2]\n"
         f"    assert sys.executable != {str(VENV / 'bin' / 'python')!r}\n")
