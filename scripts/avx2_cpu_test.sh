@@ -126,6 +126,4 @@ say "the emulated $CPU_MODEL as torch sees it: kernel level $level, native bf16 
 [ "$seen" = "AVX2 False AVX2" ] ||
   die "torch sees '$seen' under QEMU, not 'AVX2 False AVX2' (kernel level, native bf16, a child's kernel level): this is no AVX2-only CPU. Set CPU_MODEL to a CPU without AVX-512 (Haswell-v4, Skylake-Client-v4)."
 cd "$ROOT"
-status=0
-"$EMU/bin/python" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}" || status=$?
-exit "$status"
+"$EMU/bin/python" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}"  # not exec: the EXIT trap removes $EMU

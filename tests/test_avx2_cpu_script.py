@@ -34,9 +34,8 @@ def _shim(version: str, env: str, log: Path) -> str:
 
 AVX2_ONLY = " ".join(f"{k}={v}" for k, v in CAPPED.items())
 # The commands the script uses, and no others: a QEMU installed on the host stays out of sight.
-TOOLS = ("bash", "sh", "env", "sed", "head", "awk", "cat", "dirname", "basename", "mktemp", "mkdir", "mv", "rm", "cp", "ln",
-         "chmod",
-         "curl", "xz", "sha256sum", "dpkg-deb", "ar", "tar")
+TOOLS = ("bash", "sh", "env", "sed", "head", "awk", "cat", "dirname", "basename", "mktemp", "mkdir", "mv", "rm",
+         "cp", "ln", "chmod", "curl", "xz", "sha256sum", "dpkg-deb", "ar", "tar")
 
 
 def _run(tmp_path, *args, qemu=None, extra_env=None):
@@ -108,7 +107,8 @@ def test_processes_the_tests_start_run_under_qemu_too(tmp_path):
         "import os, subprocess, sys\n\n"
         "def test_children():\n"
         "    assert os.environ['MVIT_DET_EMULATED_CPU'] == 'qemu-user'\n"
-        "    for cmd in ([sys.executable, '-c', 'print(1)'], ['python', '-c', 'print(2)'], ['python3', '-c', 'print(3)']):\n"
+        "    for cmd in ([sys.executable, '-c', 'print(1)'], ['python', '-c', 'print(2)'],\n"
+        "                ['python3', '-c', 'print(3)']):\n"
         "        assert subprocess.check_output(cmd, text=True).strip() == cmd[-1][-2]\n"
         f"    assert sys.executable != {str(VENV / 'bin' / 'python')!r}\n")
     log = tmp_path / "qemu.log"

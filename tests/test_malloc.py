@@ -46,8 +46,9 @@ def _faults_per_step(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's; this host is not Linux")
 @pytest.mark.skipif(os.environ.get("MVIT_DET_EMULATED_CPU") == "qemu-user",
-                    reason="under QEMU's user mode the guest's freed memory stays with QEMU (16 page faults per step "
-                           "with glibc's defaults, not thousands), so faults show nothing; make test checks this natively")
+                    reason="under QEMU's user mode the guest's freed memory stays with QEMU (16 page faults per "
+                           "step with glibc's defaults, not thousands), so faults show nothing; make test checks this "
+                           "natively")
 def test_training_steps_stop_page_faulting_their_memory_in_anew():
     default, kept = _faults_per_step("default"), _faults_per_step("keep")
     # ~93 MB of gradients per step: measured 11.5 thousand faults per step with glibc's defaults, none with the settings
