@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call runs on
 
 __all__ = [
-    "attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "depthwise_conv", "gelu_post_op_pays", "linear",
-    "log_bf16_fallback", "native_bf16", "onednn_linear_ok",
+    "attention", "bf16_as_fp32", "bf16_fallback_needed", "cpu_info", "cpu_isa", "depthwise_conv", "gelu_post_op_pays",
+    "linear", "log_bf16_fallback", "native_bf16", "onednn_linear_ok",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,15 +67,32 @@ def _cpu_model(proc: dict[str, str]) -> str:
     return proc.get("model name") or platform.processor() or platform.machine()
 
 
+def _isa_name(amx: bool, avx512: bool, avx2: bool) -> str:
+    return "AMX" if amx else "AVX-512" if avx512 else "AVX2" if avx2 else "other"
+
+
+def cpu_isa(proc: Optional[dict[str, str]] = None) -> str:
+    """The vector ISA the CPU itself has (not what the environment caps torch to): AMX, AVX-512, AVX2 or other.
+
+    Read from CPUID through torch's cpuinfo, the source oneDNN and ATen choose their kernels from. /proc/cpuinfo is
+    only the fallback (a torch without these probes): it is absent on macOS and Windows, and under an emulator such
+    as QEMU's user mode it describes the host, not the CPU the program runs on.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_supported",
+                                                           "_is_avx2_supported")]
+    if all(callable(p) for p in probes):
+        return _isa_name(*(bool(p()) for p in probes))
+    flags = set((_proc_cpuinfo() if proc is None else proc).get("flags", "").split())
+    return _isa_name("amx_bf16" in flags, "avx512f" in flags, "avx2" in flags)
+
+
 def cpu_info() -> dict:
     """The CPU as the numbers should be read: model, vector ISA that torch uses, native bf16 or not."""
     proc = _proc_cpuinfo()
-    flags = set(proc.get("flags", "").split())
-    hw_isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
     capability = torch.backends.cpu.get_cpu_capability()
     return {
         "cpu_model": _cpu_model(proc),
-        "cpu_isa": hw_isa,
+        "cpu_isa": cpu_isa(proc),
         "torch_cpu_capability": capability,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
         "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
