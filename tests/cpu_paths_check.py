@@ -28,9 +28,9 @@ def _grads(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _check_model(model: MViTv2, x: torch.Tensor) -> dict:
-    """Max relative differences of each precision/mode against the standard fp32 ops."""
+    """Relative differences of each precision/mode against the standard fp32 ops (outputs: max; gradients: L2)."""
     def flat(out):
-        return torch.cat([t.flatten() for t in out.values()]) if isinstance(out, dict) else out
+        return torch.cat([t.flatten() for t in out.values()]) if isinstance(out, dict) else out.flatten()
 
     model.eval()
     with torch.enable_grad():  # grad mode takes the standard ops: the reference for the fused path
@@ -42,14 +42,18 @@ def _check_model(model: MViTv2, x: torch.Tensor) -> dict:
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
         cast = flat(model_bf16(x.to(torch.bfloat16)))
 
+    # The loss is a fixed random projection of the outputs. Not their mean square: the detection trunk ends in
+    # LayerNorms, whose squared outputs barely depend on their input, so the true gradient of every block is ~0 and
+    # the bf16 error measured was noise on an ill-conditioned sum that changed with the thread count (0.07-0.2).
+    proj = torch.randn(ref.numel(), generator=torch.Generator().manual_seed(1))
     model.train()
     model.zero_grad()
-    flat(model(x)).float().square().mean().backward()
+    (flat(model(x)).float() * proj).sum().backward()
     g32 = _grads(model)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = flat(model(x))
-    out.float().square().mean().backward()
+    (out.float() * proj).sum().backward()
     g16 = _grads(model)
     return {
         "fused_fp32": _rel(fused, ref),
@@ -57,7 +61,7 @@ def _check_model(model: MViTv2, x: torch.Tensor) -> dict:
         "autocast_dtype": str(auto.dtype),
         "bf16_model": _rel(cast, ref),
         "bf16_model_dtype": str(cast.dtype),
-        "train_bf16_grad": _rel(g16, g32),
+        "train_bf16_grad": float((g16 - g32).norm() / g32.norm()),  # relative L2: a few large entries set max()
         "train_grad_finite": bool(torch.isfinite(g32).all() and torch.isfinite(g16).all()),
     }
 
