@@ -1,6 +1,8 @@
 """Shared pytest fixtures. Each helper's fixtures live in clearly named functions below."""
 import contextlib
 import logging
+import os
+import subprocess
 import sys
 
 import pytest
@@ -98,6 +100,29 @@ def _restore_loggers():
     d2_logger = sys.modules.get("detectron2.utils.logger")  # not imported here: some tests check who imports it
     if d2_logger is not None:
         d2_logger.setup_logger.cache_clear()
+
+
+# ---- the emulated AVX2-only CPU (scripts/avx2_cpu_test.sh) ----------------------------------------------
+EMULATION_SLOWDOWN = 60  # QEMU's user mode ran these tests 8-55x slower than the host (docs/performance.md)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _emulated_cpu_hang_guards():
+    """Stretch the tests' subprocess timeouts under the emulator. They are hang guards sized for a real CPU (a
+    two-process training run 600 s); emulated, a run that is merely slow would be killed as hung. Only the script's
+    ``MVIT_DET_EMULATED_CPU`` turns this on; subprocess.run, check_output and Popen.communicate all pass here."""
+    if not os.environ.get("MVIT_DET_EMULATED_CPU"):
+        yield
+        return
+    communicate = subprocess.Popen.communicate
+
+    def stretched(self, input=None, timeout=None):
+        return communicate(self, input, None if timeout is None else timeout * EMULATION_SLOWDOWN)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess.Popen, "communicate", stretched)
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,27 @@ def test_processes_the_tests_start_run_under_qemu_too(tmp_path):
     assert wrapper.endswith("/bin/python") and not Path(wrapper).exists()
 
 
+def test_subprocess_hang_guards_stretch_only_on_the_emulated_cpu(tmp_path):
+    """tests/conftest.py multiplies subprocess timeouts when the script's MVIT_DET_EMULATED_CPU is set, else not."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_guard.py").write_text(
+        "import subprocess, sys\nimport pytest\n\n"
+        "def test_slow_child_outlives_its_guard():\n"
+        "    subprocess.run([sys.executable, '-c', 'import time; time.sleep(2)'], capture_output=True, timeout=1)\n\n"
+        "def test_hung_child_is_still_stopped():\n"
+        "    with pytest.raises(subprocess.TimeoutExpired):\n"
+        "        subprocess.check_output([sys.executable, '-c', 'import time; time.sleep(60)'], timeout=0.1)\n")
+
+    def outcome(**env) -> str:
+        base = {k: v for k, v in os.environ.items() if k != "MVIT_DET_EMULATED_CPU"}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                              cwd=tmp_path, env={**base, **env}, capture_output=True, text=True, timeout=300)
+        return proc.stdout.strip().splitlines()[-1]
+
+    assert outcome().startswith("1 failed, 1 passed")  # a real CPU: the guard fires on the slow child
+    assert outcome(MVIT_DET_EMULATED_CPU="qemu-user").startswith("2 passed")
+
+
 def _deb(payload: bytes) -> bytes:
     """A Debian package (an ar archive of debian-binary, control.tar.xz, data.tar.xz) with usr/bin/qemu-x86_64."""
 
