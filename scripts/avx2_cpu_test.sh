@@ -113,7 +113,7 @@ ln -s "$VENV/lib" "$EMU/lib"
 chmod +x "$EMU/bin/python"
 ln -s python "$EMU/bin/python3"
 export PATH="$EMU/bin:$PATH"
-export MVIT_DET_EMULATED_CPU=qemu-user  # for the few tests that measure the host kernel, not the CPU (page faults)
+export MVIT_DET_EMULATED_CPU=qemu-user  # tests read it: hang guards stretch (conftest.py), page-fault counts skip
 
 seen="$("$EMU/bin/python" -c '
 import subprocess, sys, torch
